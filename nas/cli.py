@@ -1,0 +1,93 @@
+"""The ``nas`` command. Each subcommand is a thin shell over one module.
+
+Bad input of any kind ends as one line, ``error: <file>: <field>: <why>``, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nas.errors import UserError
+
+DESIGNS_DIR = Path(__file__).resolve().parent.parent / "search_spaces" / "designs"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the usage block too
+        raise UserError("cli", self.prog.removeprefix("nas").strip() or "nas", message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            parser.print_help()
+            return 2
+        return args.run(args) or 0
+    except UserError as exc:
+        print(exc.line(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nas", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(parser_class=_Parser)
+
+    c = sub.add_parser("count", help="exact parameters, bytes and MACs of designs")
+    c.add_argument("designs", nargs="+", type=Path, help="ArchConfig JSON files")
+    c.add_argument("--budget", help="mark which designs fit, e.g. 1M or 4MB@int8")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.set_defaults(run=_count)
+
+    b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
+    b.add_argument("which", nargs="?", default="all", choices=["all", "budget"])
+    b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
+    b.set_defaults(run=_bench)
+
+    d = sub.add_parser("demo", help="the main job on the embedded default data")
+    d.set_defaults(run=_demo)
+    return p
+
+
+def _count(args) -> int:
+    from nas.budget import budget_table, count, parse_budget
+    from nas.config import ArchConfig
+
+    budget = parse_budget(args.budget) if args.budget else None
+    rows = [(path.stem, count(ArchConfig.load(path))) for path in args.designs]
+    if args.json:
+        out = {name: c.as_dict() | ({"fits": budget.fits(c)} if budget else {}) for name, c in rows}
+        print(json.dumps(out, indent=2))
+    else:
+        print(budget_table(rows, budget))
+    return 0
+
+
+def _bench(args) -> int:
+    from nas import bench
+
+    bench.run(args.which, args.out)
+    return 0
+
+
+def _demo(args) -> int:
+    from nas.budget import budget_table, count, parse_budget
+    from nas.config import ArchConfig
+    from nas.space import load_space
+
+    space = load_space(DESIGNS_DIR.parent / "paper.yaml")
+    rows = [(p.stem, count(ArchConfig.load(p))) for p in sorted(DESIGNS_DIR.glob("*.json"))]
+    print(f"Example designs in {DESIGNS_DIR} against the {space.name} space's budget ({space.budget.text}):\n")
+    print(budget_table(rows, space.budget or parse_budget("1M")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The model: parity with torchaudio's Conformer, and sharing that is real."""
+
+import copy
+
+import pytest
+import torch
+import torchaudio
+
+from nas.config import ArchConfig
+from nas.model import ConformerCTC, Linear
+
+
+def plain(**enc) -> ArchConfig:
+    base = dict(d_model=64, n_heads=4, ffn_dim=128, conv_kernel=7, n_layers=3)
+    return ArchConfig.from_dict({"encoder": base | enc})
+
+
+def copy_from_torchaudio(model: ConformerCTC, ta: torchaudio.models.Conformer) -> None:
+    """Load torchaudio's weights into an unshared, full-rank model (independent name mapping)."""
+    d = model.arch.encoder.d_model
+    with torch.no_grad():
+        for ours, theirs in zip(model.layers, ta.conformer_layers):
+            for o, t in ((ours.ffn1, theirs.ffn1), (ours.ffn2, theirs.ffn2)):
+                o.norm.load_state_dict(t.sequential[0].state_dict())
+                o.inner.weight.copy_(t.sequential[1].weight), o.inner.bias.copy_(t.sequential[1].bias)
+                o.outer.weight.copy_(t.sequential[4].weight), o.outer.bias.copy_(t.sequential[4].bias)
+            ours.attn.norm.load_state_dict(theirs.self_attn_layer_norm.state_dict())
+            mha = theirs.self_attn
+            for i, proj in enumerate((ours.attn.q, ours.attn.k, ours.attn.v)):
+                proj.weight.copy_(mha.in_proj_weight[i * d:(i + 1) * d])
+                proj.bias.copy_(mha.in_proj_bias[i * d:(i + 1) * d])
+            ours.attn.out.weight.copy_(mha.out_proj.weight), ours.attn.out.bias.copy_(mha.out_proj.bias)
+            cm, seq = ours.conv, theirs.conv_module.sequential
+            cm.norm.load_state_dict(theirs.conv_module.layer_norm.state_dict())
+            cm.pw1.weight.copy_(seq[0].weight[:, :, 0]), cm.pw1.bias.copy_(seq[0].bias)
+            cm.dw_weight.copy_(seq[2].weight[:, 0, :]), cm.dw_bias.copy_(seq[2].bias)
+            cm.bn.load_state_dict(seq[3].state_dict())
+            cm.pw2.weight.copy_(seq[5].weight[:, :, 0]), cm.pw2.bias.copy_(seq[5].bias)
+            ours.final_norm.load_state_dict(theirs.final_layer_norm.state_dict())
+
+
+def encoder_params(model: ConformerCTC) -> int:
+    return model.num_params() - sum(p.numel() for p in model.frontend.parameters()) - sum(
+        p.numel() for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("enc", [
+    {}, {"d_model": 144, "n_heads": 4, "ffn_dim": 576, "conv_kernel": 31, "n_layers": 16},
+    {"d_model": 96, "n_heads": 3, "ffn_dim": 384, "conv_kernel": 15, "n_layers": 5},
+])
+def test_unshared_encoder_has_torchaudio_parameter_count(enc):
+    arch = plain(**enc)
+    e = arch.encoder
+    ta = torchaudio.models.Conformer(e.d_model, e.n_heads, e.ffn_dim, e.n_layers, e.conv_kernel)
+    assert encoder_params(ConformerCTC(arch)) == sum(p.numel() for p in ta.parameters())
+
+
+def test_unshared_encoder_computes_torchaudio_outputs():
+    torch.manual_seed(0)
+    arch = plain()
+    e = arch.encoder
+    ta = torchaudio.models.Conformer(e.d_model, e.n_heads, e.ffn_dim, e.n_layers, e.conv_kernel, dropout=0.1)
+    # Non-trivial BatchNorm statistics, so that eval mode really uses them.
+    for layer in ta.conformer_layers:
+        bn = layer.conv_module.sequential[3]
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.2, 0.2)
+    model = ConformerCTC(arch)
+    copy_from_torchaudio(model, ta)
+    model.eval(), ta.eval()
+    x = torch.randn(3, 37, e.d_model)
+    lengths = torch.tensor([37, 30, 11])
+    mask = torch.arange(37)[None] >= lengths[:, None]
+    with torch.no_grad():
+        want, _ = ta(x, lengths)
+        got = x
+        for layer in model.layers:
+            got = layer(got, mask)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def shared_arch() -> ArchConfig:
+    return ArchConfig.from_dict({
+        "encoder": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "conv_kernel": 5, "n_layers": 4},
+        "sharing": {"blocks": {"pattern": "cycle", "n": 2},
+                    "modules": {"conv": {"pattern": "cycle", "n": 1}},
+                    "ties": {"ffn_macaron": True},
+                    "low_rank": {"ffn_in": {"rank": 8, "share": "U"}}},
+    })
+
+
+def test_changing_a_shared_tensor_changes_every_layer_that_uses_it():
+    torch.manual_seed(0)
+    model = ConformerCTC(shared_arch(), dropout=0.0).eval()
+    conv_weight = model.layers[0].conv.pw2.weight
+    assert all(layer.conv.pw2.weight is conv_weight for layer in model.layers)  # one conv for all
+    x = torch.randn(2, 12, 32)
+    outputs = []
+
+    def record(_module, _inp, out):
+        outputs.append(out.detach().clone())
+
+    hooks = [layer.conv.register_forward_hook(record) for layer in model.layers]
+    with torch.no_grad():
+        model.layers[0](x, None)
+        before = [layer.conv(x) for layer in model.layers]
+        conv_weight.add_(0.1)
+        after = [layer.conv(x) for layer in model.layers]
+    for h in hooks:
+        h.remove()
+    for b, a in zip(before, after):
+        assert not torch.allclose(b, a)
+    # The basis U of the low-rank feed-forward input is shared by all four layers' both halves' ffn1.
+    u = model.layers[0].ffn1.inner.U
+    assert all(layer.ffn1.inner.U is u and layer.ffn2.inner.U is u for layer in model.layers)
+
+
+def test_gradient_of_a_shared_tensor_is_the_sum_over_its_uses():
+    torch.manual_seed(0)
+    model = ConformerCTC(shared_arch(), dropout=0.0).eval()
+    feats, lengths = torch.randn(2, 40, 80), torch.tensor([40, 33])
+    model(feats, lengths)[0].sum().backward()
+    shared = model.layers[0].conv.pw2.weight
+    grad_shared = shared.grad.clone()
+
+    # An unshared copy: every layer gets its own clone of the tensor; sum their gradients.
+    twin = copy.deepcopy(model)
+    twin.zero_grad()
+    clones = []
+    for layer in twin.layers:
+        clone = torch.nn.Parameter(layer.conv.pw2.weight.detach().clone())
+        layer.conv.pw2 = Linear(weight=clone, bias=layer.conv.pw2.bias)
+        clones.append(clone)
+    twin(feats, lengths)[0].sum().backward()
+    assert torch.allclose(grad_shared, sum(c.grad for c in clones), atol=1e-5)
+    assert model.num_params() < twin.num_params()
+
+
+def test_low_rank_at_full_rank_from_svd_reproduces_the_matrix():
+    torch.manual_seed(0)
+    W = torch.randn(48, 32)
+    U_, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    lin = Linear(U=torch.nn.Parameter(U_ * S), V=torch.nn.Parameter(Vh))
+    x = torch.randn(5, 32)
+    assert torch.allclose(lin(x), x @ W.T, atol=1e-4)
+
+
+def test_saved_model_stores_each_shared_tensor_once(tmp_path):
+    from nas.budget import count
+
+    arch = ArchConfig.from_dict({"encoder": {"n_layers": 12},
+                                 "sharing": {"blocks": {"pattern": "cycle_rev", "n": 3},
+                                             "modules": {"conv": {"pattern": "cycle", "n": 1}},
+                                             "low_rank": {"ffn_in": {"rank": 32, "share": "U"}}}})
+    c = count(arch)
+    assert c.virtual > 3 * c.physical
+    model = ConformerCTC(arch)
+    path = tmp_path / "model.safetensors"
+    model.save(path)
+    assert abs(path.stat().st_size - c.bytes("fp32")) / c.bytes("fp32") < 0.05
+    torch.save(model.state_dict(), tmp_path / "model.pt")  # torch.save keeps sharing too
+    assert abs((tmp_path / "model.pt").stat().st_size - c.bytes("fp32")) / c.bytes("fp32") < 0.05
+
+    loaded = ConformerCTC.load(arch, path).eval()
+    model.eval()
+    feats, lengths = torch.randn(2, 50, 80), torch.tensor([50, 41])
+    with torch.no_grad():
+        assert torch.equal(model(feats, lengths)[0], loaded(feats, lengths)[0])
+    # sharing survives the round trip
+    assert all(layer.conv.pw2.weight is loaded.layers[0].conv.pw2.weight for layer in loaded.layers)

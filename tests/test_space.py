@@ -1,0 +1,79 @@
+"""Search-space files: loading, validation with named keys, realizing designs."""
+
+import optuna
+import pytest
+
+from nas.budget import count
+from nas.errors import UserError
+from nas.space import load_space, parse_space
+
+PAPER = "search_spaces/paper.yaml"
+
+
+def test_paper_space_spans_all_four_levels():
+    space = load_space(PAPER)
+    names = {k.name for k in space.knobs}
+    assert {"sharing.blocks.pattern", "sharing.modules.conv.n", "sharing.ties.attn_qk",
+            "sharing.low_rank.ffn_in.rank", "sharing.per_layer_cheap"} <= names
+    assert space.budget.max_params == 1_000_000
+
+
+def test_values_realize_a_design_with_conditional_knobs():
+    space = load_space(PAPER)
+    chosen = {"frontend.channels": 32, "encoder.d_model": 128, "encoder.ffn_dim": 2, "encoder.conv_kernel": 15,
+              "$blocks": 4, "$repeats": 3, "sharing.blocks.pattern": "cycle_rev",
+              "$share_ffn": False, "$share_attn": False, "$share_conv": True,
+              "sharing.modules.conv.pattern": "cycle", "sharing.modules.conv.n": 1,
+              "sharing.ties.ffn_macaron": False, "sharing.ties.attn_qk": True, "sharing.ties.conv_glu": False,
+              "$lr_ffn": True, "sharing.low_rank.ffn_in.rank": 32, "sharing.low_rank.ffn_in.share": "U",
+              "sharing.low_rank.ffn_out.share": "none", "$lr_attn": False, "$lr_conv": False,
+              "sharing.per_layer_cheap": True}
+    arch = space.from_values(chosen)
+    assert arch.encoder.n_layers == 12 and arch.encoder.ffn_dim == 256
+    assert arch.block_map() == (0, 1, 2, 3, 0, 1, 2, 3, 3, 2, 1, 0)
+    assert arch.instance_map("conv") == (0,) * 12
+    assert arch.sharing.low_rank.ffn_out.rank == 32  # a ref to ffn_in's rank
+    assert arch.sharing.low_rank.attn_qkv.rank is None  # its knob was not active
+
+
+def test_optuna_samples_only_active_knobs():
+    space = load_space(PAPER)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(30):
+        trial = study.ask()
+        arch = space.sample(trial)
+        if not trial.params["$lr_attn"]:
+            assert "sharing.low_rank.attn_qkv.rank" not in trial.params
+        assert arch.encoder.n_layers == trial.params["$blocks"] * trial.params["$repeats"]
+        assert count(arch).physical > 0
+        study.tell(trial, 0.0)
+
+
+def bad(tmp_path, text: str) -> str:
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_space(p)
+    return e.value.line().replace(str(p), "space.yaml")
+
+
+@pytest.mark.parametrize("text, line", [
+    ("knobs: {encoder.depth: 3}", "error: space.yaml: knobs.encoder.depth: unknown knob"),
+    ("knobs: {encoder.d_model: {choice: []}}", "error: space.yaml: knobs.encoder.d_model.choice: must be a non-empty list"),
+    ("knobs: {encoder.n_layers: {int: [8, 2]}}", "error: space.yaml: knobs.encoder.n_layers.int: low 8 is above high 2"),
+    ("knobs: {encoder.n_layers: {int: [2, 8], stride: 2}}", "error: space.yaml: knobs.encoder.n_layers.stride: unknown key"),
+    ("knobs: {encoder.n_layers: {int: [2, $x]}}", "error: space.yaml: knobs.encoder.n_layers.int: bound '$x' names no earlier knob"),
+    ("budget: 4XB@int9\nknobs: {encoder.n_layers: 4}", "error: space.yaml: budget: budget '4XB@int9'"),
+    ("knobs: [1, 2", "error: space.yaml: line 1: YAML syntax error"),
+    ("knob: {}", "error: space.yaml: knob: unknown key"),
+    ("knobs: {}", "error: space.yaml: knobs: must be a non-empty mapping"),
+    ("knobs: {encoder.d_model: {choice: [96], when: {$a: 1}}}", "error: space.yaml: knobs.encoder.d_model.when: '$a' names no earlier knob"),
+])
+def test_bad_space_files_name_file_and_key(tmp_path, text, line):
+    assert bad(tmp_path, text).startswith(line)
+
+
+def test_fixed_values_are_validated_when_realized():
+    space = parse_space({"knobs": {"encoder.n_heads": 5}}, "s.yaml")
+    with pytest.raises(UserError, match="error: s.yaml: encoder: n_heads=5 does not divide d_model=144"):
+        space.from_values({})
