@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         args = parser.parse_args(argv)
         if not hasattr(args, "run"):
@@ -51,6 +53,25 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
     b.set_defaults(run=_bench)
 
+    data = sub.add_parser("data", help="prepare a corpus").add_subparsers(parser_class=_Parser)
+    ds = data.add_parser("synth", help="synthesize the embedded corpus with espeak-ng")
+    ds.add_argument("--hours", type=float, default=3.0, help="training audio (default 3)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--out", type=Path, help="default: $NAS_CACHE/synth-<hours>h-seed<seed>")
+    ds.set_defaults(run=_data_synth)
+    dl = data.add_parser("librispeech", help="LibriSpeech's own layout into manifests")
+    dl.add_argument("root", type=Path)
+    dl.add_argument("--out", type=Path, required=True, help="where <subset>.jsonl go")
+    dl.set_defaults(run=_data_librispeech)
+
+    t = sub.add_parser("train", help="train and evaluate one design (the trainer)")
+    t.add_argument("arch", type=Path, help="ArchConfig JSON (an export's arch.json works too)")
+    t.add_argument("--schedule", default="proxy", help="proxy, full, demo, tiny, or a YAML file")
+    t.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    t.set_defaults(run=_train)
+
     d = sub.add_parser("demo", help="the main job on the embedded default data")
     d.set_defaults(run=_demo)
     return p
@@ -67,6 +88,38 @@ def _count(args) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(budget_table(rows, budget))
+    return 0
+
+
+def _data_synth(args) -> int:
+    from nas.data import synth
+
+    out = args.out or synth.default_dir(args.hours, args.seed)
+    synth.build(out, hours=args.hours, seed=args.seed)
+    print(f"synth corpus in {out}: train.jsonl, dev.jsonl, test.jsonl")
+    return 0
+
+
+def _data_librispeech(args) -> int:
+    from nas.data.librispeech import to_manifests
+
+    for subset, path in to_manifests(args.root, args.out).items():
+        print(f"{subset}: {path}")
+    return 0
+
+
+def _train(args) -> int:
+    from nas.config import ArchConfig
+    from nas.data.corpus import resolve_data
+    from nas.train import load_schedule, train
+
+    arch = ArchConfig.load(args.arch)
+    schedule = load_schedule(args.schedule)
+    metrics = train(arch, schedule, resolve_data(args.data), args.out, threads=args.threads)
+    line = f"dev WER {metrics['dev']['wer']:.3f}"
+    if "test" in metrics:
+        line += f", test WER {metrics['test']['wer']:.3f} (CER {metrics['test']['cer']:.3f})"
+    print(f"{line}; {metrics['steps']} steps in {metrics['train_seconds']:.0f} s; {args.out}/metrics.json")
     return 0
 
 

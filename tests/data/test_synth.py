@@ -1,0 +1,122 @@
+"""The embedded espeak-ng corpus: determinism, disjoint splits, audio, idempotence, the text."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from nas.data import synth
+from nas.data.manifest import SPLITS, read_manifest
+from nas.errors import UserError
+
+TINY = dict(hours=0.01, seed=0, dev_utterances=6, test_utterances=6)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return synth.build(tmp_path_factory.mktemp("synth") / "corpus", **TINY, workers=2, progress=False)
+
+
+def manifests(corpus: Path) -> dict:
+    return {split: read_manifest(corpus / f"{split}.jsonl") for split in SPLITS}
+
+
+def test_same_seed_gives_the_same_corpus_whatever_the_workers(corpus, tmp_path):
+    again = synth.build(tmp_path / "again", **TINY, workers=1, progress=False)
+    for split in SPLITS:
+        assert (again / f"{split}.jsonl").read_text() == (corpus / f"{split}.jsonl").read_text()
+    wavs = sorted(p.relative_to(corpus) for p in corpus.rglob("*.wav"))
+    assert wavs == sorted(p.relative_to(again) for p in again.rglob("*.wav"))
+    for wav in wavs[::3]:
+        assert (again / wav).read_bytes() == (corpus / wav).read_bytes()
+
+
+def test_another_seed_draws_another_corpus():
+    plans = [synth.plan(**{**TINY, "seed": seed}) for seed in (0, 1)]
+    for split in SPLITS:
+        assert [t.text for t in plans[0][split]] != [t.text for t in plans[1][split]]
+
+
+def test_dev_and_test_do_not_depend_on_the_train_size():
+    small, large = synth.plan(**TINY), synth.plan(**{**TINY, "hours": 0.1})
+    assert len(large["train"]) > len(small["train"])
+    assert small["dev"] == large["dev"] and small["test"] == large["test"]
+
+
+def test_splits_share_no_speaker_and_no_sentence(corpus):
+    rows = manifests(corpus)
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        assert not {r.speaker for r in rows[a]} & {r.speaker for r in rows[b]}
+        assert not {r.text for r in rows[a]} & {r.text for r in rows[b]}
+
+
+def test_held_out_variants_make_unseen_speakers(corpus):
+    variants = synth.split_variants(synth.list_variants())
+    assert len(variants["dev"]) == len(variants["test"]) == synth.HELD_OUT_VARIANTS
+    assert len(variants["train"]) >= 70
+    assert not set(variants["train"]) & (set(variants["dev"]) | set(variants["test"]))
+    assert not set(variants["dev"]) & set(variants["test"])
+    for split, rows in manifests(corpus).items():
+        for row in rows:
+            accent, variant = row.speaker.split("+")
+            assert accent in synth.ACCENTS and variant in variants[split]
+
+
+def test_sizes(corpus):
+    rows = manifests(corpus)
+    assert len(rows["dev"]) == len(rows["test"]) == 6
+    train_s = sum(r.duration for r in rows["train"])
+    assert 0.75 * 36 < train_s < 1.25 * 36  # 0.01 h, planned from the text
+
+
+def test_audio_is_16k_mono_16bit_speech_of_the_stated_duration(corpus):
+    for rows in manifests(corpus).values():
+        for row in rows:
+            info = sf.info(str(row.audio))
+            assert (info.samplerate, info.channels, info.subtype) == (16_000, 1, "PCM_16")
+            assert row.duration == pytest.approx(info.frames / info.samplerate, abs=1e-6)
+            wav, _ = sf.read(str(row.audio), dtype="float32")
+            assert np.sqrt(np.mean(wav**2)) > 1e-3
+    assert not list(corpus.rglob("*.tmp*"))
+
+
+def test_a_complete_corpus_is_not_made_again(corpus):
+    before = {p: p.stat().st_mtime_ns for p in corpus.rglob("*") if p.is_file()}
+    assert synth.build(corpus, **TINY, progress=False) == corpus
+    assert {p: p.stat().st_mtime_ns for p in corpus.rglob("*") if p.is_file()} == before
+
+
+def test_a_corpus_of_other_parameters_is_refused(corpus):
+    with pytest.raises(UserError, match="other parameters"):
+        synth.build(corpus, **{**TINY, "seed": 1}, progress=False)
+
+
+def test_bad_parameters_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="hours"):
+        synth.build(tmp_path, hours=0, progress=False)
+    with pytest.raises(UserError, match="dev_utterances"):
+        synth.build(tmp_path, dev_utterances=0, progress=False)
+
+
+def test_default_dir_names_the_parameters(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAS_CACHE", str(tmp_path))
+    assert synth.default_dir(3.0, 0) == tmp_path / "synth-3h-seed0"
+    assert synth.default_dir(0.5, 2, dev_utterances=50, test_utterances=300).name == "synth-0.5h-seed2-dev50-test300"
+
+
+def test_sentence_file():
+    lines = synth.SENTENCES.read_text(encoding="utf-8").splitlines()
+    assert synth.SENTENCES.stat().st_size < 1_000_000
+    assert [line.startswith("#") for line in lines[:4]] == [True, True, True, False]
+    sentences = synth.load_sentences()
+    assert len(set(sentences)) == len(sentences)
+    for sentence in sentences:
+        assert re.fullmatch(r"[a-z']+( [a-z']+){3,19}", sentence), sentence
+    splits = synth.split_sentences(sentences)
+    assert len(set(splits["train"])) >= 3000
+    assert len({word for s in splits["train"] for word in s.split()}) >= 2000
+    assert min(len(splits["dev"]), len(splits["test"])) >= synth.DEV_UTTERANCES

@@ -1,0 +1,132 @@
+"""The trainer: the whole chain learns, runs resume, bad data and divergence are handled."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import nas.train
+from nas.config import ArchConfig
+from nas.data.corpus import resolve_data
+from nas.data.manifest import read_manifest, write_manifest
+from nas.data.tokenizer import Tokenizer
+from nas.errors import UserError
+from nas.train import Diverged, Schedule, greedy_decode, load_schedule, train
+
+
+def schedule(**over) -> Schedule:
+    return load_schedule("tiny").model_copy(update=over)
+
+
+def corpus_of(tmp_path, rows, name="corpus"):
+    d = tmp_path / name
+    for split in ("train", "dev", "test"):
+        write_manifest(d / f"{split}.jsonl", rows)
+    return resolve_data(f"manifest:{d}")
+
+
+def test_overfits_a_handful_of_utterances_to_their_text(tiny_corpus_dir, tmp_path):
+    rows = sorted(read_manifest(tiny_corpus_dir / "train.jsonl"), key=lambda r: r.duration)[:4]
+    arch = ArchConfig.from_dict({"frontend": {"channels": 16}, "vocab_size": 40,
+                                 "encoder": {"d_model": 64, "n_heads": 4, "ffn_dim": 128, "n_layers": 2,
+                                             "conv_kernel": 15}})
+    s = Schedule(name="overfit", steps=120, batch_frames=4000, peak_lr=3e-3, warmup_steps=20, final_lr_ratio=0.1,
+                 weight_decay=0.0, grad_clip=5.0, dropout=0.0, eval_every=60,
+                 specaugment={"freq_masks": 0, "time_masks": 0})
+    m = train(arch, s, corpus_of(tmp_path, rows), tmp_path / "run", threads=2, progress=False)
+    assert m["test"]["wer"] <= 0.05, m["test"]["examples"]
+    assert m["curve"][-1]["train_loss"] < 0.1
+
+
+def test_writes_metrics_checkpoint_tokenizer_and_resumes(tiny_corpus_dir, tiny_arch, tmp_path):
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    out = tmp_path / "run"
+    seen = []
+
+    def crash_after_first_eval(step, point):
+        seen.append(step)
+        raise KeyboardInterrupt  # as if the run were killed right after its checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_arch, schedule(), corpus, out, callback=crash_after_first_eval, progress=False)
+    assert seen == [6] and (out / "checkpoint.pt").is_file() and not (out / "metrics.json").exists()
+
+    m = train(tiny_arch, schedule(), corpus, out, callback=lambda step, p: seen.append(step), progress=False)
+    assert seen == [6, 12]  # steps 1-6 were not run again
+    assert [p["step"] for p in m["curve"]] == [6, 12] and m["steps"] == 12
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["test"]["wer"] == m["test"]["wer"] and 0 <= m["test"]["wer"]
+    assert Tokenizer.load(out / "tokenizer.model").vocab_size == tiny_arch.vocab_size
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_of_another_design_is_refused(tiny_corpus_dir, tiny_arch, tmp_path):
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    train(tiny_arch, schedule(steps=6), corpus, tmp_path, progress=False, evaluate_test=False)
+    other = tiny_arch.model_copy(update={"vocab_size": 41})
+    with pytest.raises(UserError, match="holds a run of another design or schedule"):
+        train(other, schedule(steps=6), corpus, tmp_path, progress=False)
+
+
+def test_callback_can_stop_a_run_early(tiny_corpus_dir, tiny_arch, tmp_path):
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    m = train(tiny_arch, schedule(), corpus, tmp_path, callback=lambda step, p: True, progress=False)
+    assert m["stopped_early"] and m["steps"] == 6 and "test" not in m
+
+
+def test_corrupt_missing_and_empty_rows_are_skipped_and_counted(tiny_corpus_dir, tiny_arch, tmp_path):
+    rows = read_manifest(tiny_corpus_dir / "train.jsonl")
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00garbage" * 10)
+    bad = [rows[0].__class__("bad1", corrupt, "some text"), rows[0].__class__("bad2", tmp_path / "nope.wav", "x"),
+           rows[0].__class__("bad3", rows[1].audio, "  ?! ")]
+    corpus = corpus_of(tmp_path, rows + bad)
+    m = train(tiny_arch, schedule(steps=3, eval_every=3), corpus, tmp_path / "run", progress=False)
+    assert m["skipped"]["train"] == {"bad audio": 1, "missing audio": 1, "empty text": 1}
+    assert m["skipped"]["test"] == m["skipped"]["train"]
+
+
+def test_a_persistently_non_finite_loss_stops_with_a_clear_error(tiny_corpus_dir, tiny_arch, tmp_path):
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    out = tmp_path / "run"
+    train(tiny_arch, schedule(steps=6), corpus, out, progress=False, evaluate_test=False)
+    good = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["step"]
+    with pytest.raises(Diverged, match=r"loss: non-finite for 20 consecutive batches"):
+        train(tiny_arch, schedule(steps=40, peak_lr=1e30, warmup_steps=0, eval_every=1), corpus, tmp_path / "run2",
+              progress=False)
+    assert good == 6  # the first run's checkpoint is untouched
+
+
+def test_a_transient_non_finite_batch_is_skipped_and_counted(tiny_corpus_dir, tiny_arch, tmp_path, monkeypatch):
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    real, calls = nas.train.F.ctc_loss, []
+
+    def nan_once(*args, **kwargs):  # fault injection: the third batch's loss is NaN
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(nas.train.F, "ctc_loss", nan_once)
+    m = train(tiny_arch, schedule(steps=6), corpus, tmp_path, progress=False, evaluate_test=False)
+    assert m["nonfinite_batches"] == 1 and m["steps"] == 6
+
+
+def test_greedy_decoding_collapses_repeats_and_drops_blanks(tmp_path):
+    tok = Tokenizer.train(["ab ba", "abba"], 8, "char", tmp_path / "t.model")
+    a, b = tok.encode("a")[-1], tok.encode("b")[-1]
+    frames = [a, a, 0, a, b, b, 0, 0]  # -> "a a b" before spacing: a,a (blank splits),b
+    log_probs = torch.full((1, len(frames), 8), -10.0)
+    for t, c in enumerate(frames):
+        log_probs[0, t, c] = 0.0
+    assert greedy_decode(log_probs, torch.tensor([len(frames)]), tok) == [tok.decode([a, a, b])]
+    assert greedy_decode(log_probs, torch.tensor([3]), tok) == [tok.decode([a])]
+
+
+def test_bad_schedule_files_name_their_field(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\nsteps: -3\n")
+    with pytest.raises(UserError, match=r"^error: .*s.yaml: steps: Input should be greater than 0"):
+        load_schedule(p)
+    shutil.copy(nas.train.SCHEDULES / "full.yaml", p)
+    assert load_schedule(p).name == "full"
