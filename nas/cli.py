@@ -49,7 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_count)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "budget"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train"])
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
     b.set_defaults(run=_bench)
 
@@ -71,6 +71,25 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     t.set_defaults(run=_train)
+
+    se = sub.add_parser("search", help="search a space under a hard memory budget")
+    se.add_argument("space", type=Path, help="search-space YAML")
+    se.add_argument("--budget", help="overrides the space's budget: 1M parameters, or 4MB@int8")
+    se.add_argument("--trials", type=_positive, default=24, help="designs to train (infeasible samples don't count)")
+    se.add_argument("--workers", type=_positive, default=2, help="trials at once")
+    se.add_argument("--cpus-per-trial", type=_positive, default=1)
+    se.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "gp", "random"])
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--study", help="study name (default: the space's name)")
+    se.add_argument("--storage", help="Optuna storage URL (default: SQLite in results/<study>/study.db)")
+    se.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    se.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
+    se.add_argument("--proxy", default="proxy", help="the proxy schedule: a name or a YAML file")
+    se.add_argument("--objectives", default="wer,bytes", help="wer,bytes or wer,bytes,macs")
+    se.add_argument("--enqueue", type=Path, action="append", default=[], help="ArchConfig JSON to add (repeatable)")
+    se.add_argument("--no-baselines", action="store_true", help="don't add the built-in baselines")
+    se.add_argument("--results", type=Path, default=Path("results"), help="where results/<study>/ goes")
+    se.set_defaults(run=_search)
 
     d = sub.add_parser("demo", help="the main job on the embedded default data")
     d.set_defaults(run=_demo)
@@ -121,6 +140,38 @@ def _train(args) -> int:
         line += f", test WER {metrics['test']['wer']:.3f} (CER {metrics['test']['cer']:.3f})"
     print(f"{line}; {metrics['steps']} steps in {metrics['train_seconds']:.0f} s; {args.out}/metrics.json")
     return 0
+
+
+def _search(args) -> int:
+    from nas.budget import parse_budget
+    from nas.search import SearchSettings, run_search
+    from nas.space import load_space
+    from nas.train import load_schedule
+
+    space = load_space(args.space)
+    budget = parse_budget(args.budget) if args.budget else space.budget
+    if budget is None:
+        raise UserError(str(args.space), "budget", "no budget in the space file; give --budget")
+    objectives = tuple(args.objectives.split(","))
+    if objectives not in (("wer", "bytes"), ("wer", "bytes", "macs")):
+        raise UserError("--objectives", "", f"{args.objectives!r}: expected wer,bytes or wer,bytes,macs")
+    load_schedule(args.proxy)  # a bad schedule is refused before anything starts
+    run_search(SearchSettings(
+        space=space, budget=budget, trials=args.trials, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
+        sampler=args.sampler, seed=args.seed, study=args.study or space.name, storage=args.storage,
+        address=args.address, data=args.data, proxy=args.proxy, objectives=objectives, enqueue=args.enqueue,
+        baselines=not args.no_baselines, results=args.results))
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _bench(args) -> int:

@@ -1,5 +1,11 @@
-"""One-off: harvest prose sentences from CPython stdlib docstrings and comments."""
-import ast, io, re, sys, tokenize, collections, hashlib
+"""How ``sentences.txt`` was made (a one-off, kept for provenance; `nas` never runs it).
+
+Harvests prose sentences from the docstrings and comments of the CPython 3.11.7 standard library
+(PSF License), keeps those of 4-20 words made only of words in the SCOWL list
+(``/usr/share/dict/american-english`` from Debian's ``wamerican``) or a short technical list, and
+writes them one per line. Run: ``python -m nas.data.make_sentences > nas/data/sentences.txt``.
+"""
+import ast, io, re, sys, tokenize
 from pathlib import Path
 LIB = Path("/root/.pyenv/versions/3.11.7/lib/python3.11")
 SKIP = {"site-packages", "__pycache__", "encodings", "pydoc_data", "ensurepip"}

@@ -1,0 +1,190 @@
+"""The Optuna side of the search: storage, samplers, and the budget gate.
+
+Optuna samples a design define-by-run from the space; the budget is checked by arithmetic at
+once. A design over budget gets ``trial.set_constraint("budget", violation > 0)`` and is told as
+PRUNED with no values: the sampler files it as infeasible and learns from it, no objective value
+is made up, and it never reaches a worker. Feasible designs are told COMPLETE with their
+objective values, or FAIL with a reason. Everything lives in Optuna storage (SQLite or
+PostgreSQL), which is what makes a search resumable and shareable between drivers.
+
+Trials whose driver died are found by Optuna's heartbeat: their heartbeat stops, they are marked
+FAIL and retried (same parameters) by ``RetryHeartbeatStaleTrialCallback``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from nas.budget import Budget, Count, count
+from nas.config import ArchConfig
+from nas.errors import UserError
+from nas.space import Space
+
+OBJECTIVES = ("wer", "bytes", "macs")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+# A running trial records a heartbeat this often; one silent for GRACE seconds is stale.
+HEARTBEAT_S = int(os.environ.get("NAS_HEARTBEAT_S", "10"))
+GRACE_S = int(os.environ.get("NAS_GRACE_S", str(6 * HEARTBEAT_S)))
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# We record heartbeats ourselves around ask-and-tell (nas.search), which Optuna warns is unusual.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def storage_url(study: str, storage: str | None, results: Path) -> str:
+    if storage:
+        return storage
+    (results / study).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(results / study / 'study.db').resolve()}"
+
+
+def open_storage(url: str) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats; an unreachable database is one clear error."""
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {},
+        )
+    except Exception as exc:  # sqlalchemy raises many types for bad URLs and dead servers
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise UserError("--storage", "", f"cannot open {_redact(url)}: {reason}") from None
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "tpe":  # group=True: the space is conditional (define-by-run)
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise UserError("--sampler", "", f"{name!r} is not one of {', '.join(SAMPLERS)}")
+
+
+def open_study(name: str, storage: RDBStorage, objectives: tuple[str, ...], sampler: str, seed: int | None,
+               settings: dict) -> optuna.Study:
+    """Create or continue study ``name``. ``settings`` (space, budget, objectives, data, proxy)
+    are stored with the study; continuing it with different ones is refused."""
+    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize"] * len(objectives),
+                                sampler=make_sampler(sampler, seed), load_if_exists=True)
+    before = study.user_attrs.get("settings")
+    if before is None:
+        study.set_user_attr("settings", settings)
+    else:
+        for key, value in settings.items():
+            if before.get(key) != value:
+                raise UserError(f"study {name}", key, f"this study was started with {before.get(key)!r}, "
+                                f"not {value!r}; use another --study")
+    return study
+
+
+# ---- the budget gate ------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    trial: optuna.Trial
+    arch: ArchConfig
+    count: Count
+
+
+class BudgetGate:
+    """Asks Optuna for designs until one fits the budget; the others are told infeasible."""
+
+    def __init__(self, study: optuna.Study, space: Space, budget: Budget, max_tries: int = 5000):
+        self.study, self.space, self.budget, self.max_tries = study, space, budget, max_tries
+
+    def next_feasible(self) -> Candidate:
+        for _ in range(self.max_tries):
+            trial = self.study.ask()
+            try:
+                arch = self._design(trial)
+            except UserError as exc:  # a combination the space allows but ArchConfig refuses
+                trial.set_user_attr("invalid", exc.why)
+                self.study.tell(trial, state=TrialState.FAIL)
+                continue
+            c = count(arch)
+            violation = self.budget.violation(c)
+            trial.set_constraint("budget", violation)
+            for key, value in _sizes(arch, c, self.budget).items():
+                trial.set_user_attr(key, value)
+            if violation > 0:
+                self.study.tell(trial, state=TrialState.PRUNED)
+                continue
+            return Candidate(trial, arch, c)
+        raise UserError(self.space.source, "budget", f"no design fitting {self.budget.text} in {self.max_tries} samples")
+
+    def _design(self, trial: optuna.Trial) -> ArchConfig:
+        """An enqueued design (a baseline, or ``--enqueue``) carries its config; others are sampled."""
+        if "arch" in trial.user_attrs:
+            return ArchConfig.from_json(trial.user_attrs["arch"], source=f"enqueued trial {trial.number}")
+        return self.space.sample(trial)
+
+
+def _sizes(arch: ArchConfig, c: Count, budget: Budget) -> dict:
+    return {"arch": arch.to_json(), "physical_params": c.physical, "virtual_params": c.virtual,
+            "bytes": c.bytes(budget.dtype), "bytes_fp32": c.bytes("fp32"), "bytes_bf16": c.bytes("bf16"),
+            "bytes_int8": c.bytes("int8"), "macs_per_second": c.macs_per_second, "dtype": budget.dtype}
+
+
+def objective_values(objectives: tuple[str, ...], wer: float, trial: FrozenTrial | optuna.Trial) -> list[float]:
+    attrs = trial.user_attrs
+    return [{"wer": wer, "bytes": attrs["bytes"], "macs": attrs["macs_per_second"]}[o] for o in objectives]
+
+
+def enqueue_design(study: optuna.Study, arch: ArchConfig, label: str) -> None:
+    """Add a fixed design (a baseline) to the study, once: a second enqueue of it is a no-op."""
+    key = arch.to_json()
+    if any(t.user_attrs.get("arch") == key and t.user_attrs.get("label") == label
+           for t in study.get_trials(deepcopy=False)):
+        return
+    study.enqueue_trial({}, user_attrs={"arch": key, "label": label})
+
+
+# ---- counting -------------------------------------------------------------------------------
+
+def is_infeasible(t: FrozenTrial) -> bool:
+    return t.system_attrs.get("constraints:budget", 0) > 0
+
+
+def progress(study: optuna.Study) -> dict[str, int]:
+    """Trials by what happened to them. ``done`` counts trained designs that reached an end
+    (complete, stopped early or failed) and were not retried; ``running`` counts live ones."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    out = {"complete": 0, "failed": 0, "pruned": 0, "infeasible": 0, "invalid": 0, "running": 0, "waiting": 0,
+           "retried": len(retried)}
+    for t in trials:
+        if t.state == TrialState.RUNNING:
+            out["running"] += 1
+        elif t.state == TrialState.WAITING:
+            out["waiting"] += 1
+        elif t.state == TrialState.COMPLETE:
+            out["complete"] += 1
+        elif t.state == TrialState.PRUNED:
+            out["infeasible" if is_infeasible(t) else "pruned"] += 1
+        elif t.state == TrialState.FAIL and "invalid" in t.user_attrs:
+            out["invalid"] += 1
+        elif t.state == TrialState.FAIL and t.number not in retried:
+            out["failed"] += 1
+    out["done"] = out["complete"] + out["pruned"] + out["failed"]
+    sampled = out["done"] + out["running"] + out["infeasible"] + out["invalid"]
+    out["waste_pct"] = round(100 * (out["infeasible"] + out["invalid"]) / sampled, 1) if sampled else 0.0
+    return out

@@ -1,0 +1,103 @@
+"""The Optuna side of the search, without Ray: the budget gate, counting, storage."""
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nas.budget import count, parse_budget
+from nas.config import ArchConfig
+from nas.errors import UserError
+from nas.search import screen_budget
+from nas.space import load_space
+from nas.study import BudgetGate, enqueue_design, is_infeasible, open_storage, open_study, progress
+
+PAPER = load_space("search_spaces/paper.yaml")
+SETTINGS = {"space": "paper", "budget": "1M", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "proxy"}
+
+
+def study_in(tmp_path, sampler="tpe", settings=SETTINGS, name="s"):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    return open_study(name, storage, ("wer", "bytes"), sampler, 0, settings)
+
+
+def fake_wer(c) -> float:
+    """A stand-in objective for sampling-only checks: bigger designs do better."""
+    return 1.0 - c.physical / 2e6
+
+
+def test_gate_returns_only_designs_within_budget_and_tells_the_rest_infeasible(tmp_path):
+    study = study_in(tmp_path)
+    budget = parse_budget("1M")
+    gate = BudgetGate(study, PAPER, budget)
+    for _ in range(15):
+        cand = gate.next_feasible()
+        assert budget.fits(cand.count) and cand.count.physical <= 1_000_000
+        assert ArchConfig.from_json(cand.trial.user_attrs["arch"]) == cand.arch
+        study.tell(cand.trial, [fake_wer(cand.count), cand.count.bytes()])
+    trials = study.get_trials()
+    infeasible = [t for t in trials if is_infeasible(t)]
+    assert infeasible, "paper.yaml at 1M has designs over budget; some samples must have been refused"
+    for t in infeasible:
+        assert t.state == TrialState.PRUNED and t.values is None  # no made-up objective value
+        assert count(ArchConfig.from_json(t.user_attrs["arch"])).physical > 1_000_000
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            assert t.system_attrs["constraints:budget"] <= 0
+
+
+def test_tpe_learns_the_budget_waste_after_20_trials_is_under_20_percent(tmp_path):
+    """Sampling only (a stand-in objective): the share of infeasible samples after the first 20
+    feasible trials, on paper.yaml at 1M, over three seeds."""
+    budget = parse_budget("1M")
+    for seed in range(3):
+        study = optuna.create_study(directions=["minimize", "minimize"],
+                                    sampler=optuna.samplers.TPESampler(multivariate=True, group=True,
+                                                                      constant_liar=True, seed=seed))
+        gate = BudgetGate(study, PAPER, budget)
+        for i in range(60):
+            cand = gate.next_feasible()
+            study.tell(cand.trial, [fake_wer(cand.count), cand.count.bytes()])
+            if i == 19:
+                first = len(study.get_trials(deepcopy=False))
+        later = study.get_trials(deepcopy=False)[first:]
+        waste = sum(is_infeasible(t) for t in later) / len(later)
+        assert waste < 0.20, f"seed {seed}: {waste:.0%} of samples after the first 20 trials were infeasible"
+
+
+def test_progress_counts_what_happened(tmp_path):
+    study = study_in(tmp_path)
+    gate = BudgetGate(study, PAPER, parse_budget("1M"))
+    a, b = gate.next_feasible(), gate.next_feasible()
+    study.tell(a.trial, [0.5, a.count.bytes()])
+    b.trial.set_user_attr("fail_reason", "boom")
+    study.tell(b.trial, state=TrialState.FAIL)
+    p = progress(study)
+    assert p["complete"] == 1 and p["failed"] == 1 and p["done"] == 2 and p["running"] == 0
+    assert p["infeasible"] == sum(is_infeasible(t) for t in study.get_trials())
+
+
+def test_enqueued_designs_run_once_and_keep_their_label(tmp_path):
+    study = study_in(tmp_path)
+    arch = ArchConfig.load("search_spaces/designs/unshared-d96.json")
+    enqueue_design(study, arch, "unshared")
+    enqueue_design(study, arch, "unshared")  # a resumed search enqueues again: no duplicate
+    assert len(study.get_trials(states=[TrialState.WAITING])) == 1
+    cand = BudgetGate(study, PAPER, parse_budget("1M")).next_feasible()
+    assert cand.arch == arch and cand.trial.user_attrs["label"] == "unshared"
+
+
+def test_a_study_continued_with_other_settings_is_refused(tmp_path):
+    study_in(tmp_path)
+    with pytest.raises(UserError, match="budget: this study was started with '1M', not '2M'"):
+        study_in(tmp_path, settings=SETTINGS | {"budget": "2M"})
+
+
+def test_an_impossible_budget_is_found_before_training(tmp_path):
+    with pytest.raises(UserError, match=r"budget: no design of the space fits 10K"):
+        screen_budget(PAPER, parse_budget("10K"))
+    assert 0.3 < screen_budget(PAPER, parse_budget("1M")) < 1
+
+
+def test_an_unreachable_storage_is_one_clear_error():
+    with pytest.raises(UserError, match=r"^error: --storage: cannot open postgresql://\*\*\*@127.0.0.1:1/x"):
+        open_storage("postgresql://u:p@127.0.0.1:1/x")
