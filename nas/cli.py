@@ -13,9 +13,6 @@ from pathlib import Path
 
 from nas.errors import UserError
 
-DESIGNS_DIR = Path(__file__).resolve().parent.parent / "search_spaces" / "designs"
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's default prints the usage block too
         raise UserError("cli", self.prog.removeprefix("nas").strip() or "nas", message)
@@ -91,7 +88,39 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--results", type=Path, default=Path("results"), help="where results/<study>/ goes")
     se.set_defaults(run=_search)
 
-    d = sub.add_parser("demo", help="the main job on the embedded default data")
+    rt = sub.add_parser("retrain", help="retrain the best designs of a study with the full schedule")
+    rt.add_argument("study")
+    rt.add_argument("--top", type=_positive, default=3, help="designs spread along the front (baselines are added)")
+    rt.add_argument("--schedule", default="full")
+    rt.add_argument("--workers", type=_positive, default=2)
+    rt.add_argument("--cpus-per-trial", type=_positive, default=1)
+    _study_options(rt)
+    rt.set_defaults(run=_retrain)
+
+    rp = sub.add_parser("report", help="write results/<study>/report.md and report.html")
+    rp.add_argument("study")
+    _study_options(rp)
+    rp.set_defaults(run=_report)
+
+    ex = sub.add_parser("export", help="write a chosen design as arch.json, weights, ONNX and a model card")
+    ex.add_argument("study")
+    pick = ex.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--design", type=int, help="a trial number on the front (or retrained)")
+    pick.add_argument("--best-under", help="the best retrained design within this budget, e.g. 1M or 1MB@int8")
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--force", action="store_true", help="overwrite an export directory that holds files")
+    _study_options(ex)
+    ex.set_defaults(run=_export)
+
+    tr = sub.add_parser("transcribe", help="transcribe audio files with an exported model")
+    tr.add_argument("export_dir", type=Path)
+    tr.add_argument("audio", type=Path, nargs="+")
+    tr.set_defaults(run=_transcribe)
+
+    d = sub.add_parser("demo", help="the main job: corpus, search, retrain, report, export")
+    d.add_argument("--scale", default="demo", choices=["demo", "ci"], help="ci: the same pipeline, tiny")
+    d.add_argument("--results", type=Path, default=Path("results"))
+    d.add_argument("--study", default=None, help="default: the scale's name")
     d.set_defaults(run=_demo)
     return p
 
@@ -164,6 +193,21 @@ def _search(args) -> int:
     return 0
 
 
+def _study_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite in results/<study>/study.db)")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+
+
+def _retrain(args) -> int:
+    from nas.retrain import open_existing_study, retrain
+
+    study = open_existing_study(args.study, args.storage, args.results)
+    retrain(study, args.results / args.study, args.top, args.schedule, args.workers, args.cpus_per_trial,
+            args.address)
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -182,14 +226,43 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
-    from nas.budget import budget_table, count, parse_budget
-    from nas.config import ArchConfig
-    from nas.space import load_space
+    from nas import demo
 
-    space = load_space(DESIGNS_DIR.parent / "paper.yaml")
-    rows = [(p.stem, count(ArchConfig.load(p))) for p in sorted(DESIGNS_DIR.glob("*.json"))]
-    print(f"Example designs in {DESIGNS_DIR} against the {space.name} space's budget ({space.budget.text}):\n")
-    print(budget_table(rows, space.budget or parse_budget("1M")))
+    demo.run(args.scale, args.results, args.study or args.scale)
+    return 0
+
+
+def _report(args) -> int:
+    from nas.budget import parse_budget
+    from nas.report import write_report
+    from nas.retrain import load_retrained, open_existing_study
+
+    study = open_existing_study(args.study, args.storage, args.results)
+    budget = parse_budget(study.user_attrs["settings"]["budget"])
+    out = args.results / args.study
+    path = write_report(study, out, budget.max_bytes, budget.dtype, retrained=load_retrained(out))
+    print(f"report: {path} and {path.with_suffix('.html')}")
+    return 0
+
+
+def _export(args) -> int:
+    from nas.budget import parse_budget
+    from nas.export import write_export
+    from nas.retrain import choose_for_export, open_existing_study
+
+    study = open_existing_study(args.study, args.storage, args.results)
+    best_under = parse_budget(args.best_under, "--best-under") if args.best_under else None
+    arch, run_dir, provenance = choose_for_export(study, args.results / args.study, args.design, best_under)
+    write_export(args.out, arch, run_dir, provenance, force=args.force)
+    print(f"exported trial {provenance['trial']} to {args.out}")
+    return 0
+
+
+def _transcribe(args) -> int:
+    from nas.export import transcribe
+
+    for audio in args.audio:
+        print(f"{audio}\t{transcribe(args.export_dir, audio)}" if len(args.audio) > 1 else transcribe(args.export_dir, audio))
     return 0
 
 

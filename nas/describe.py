@@ -33,7 +33,7 @@ def sharing_in_words(arch: ArchConfig) -> str:
     blocks = arch.block_map()
     n_layers, n_blocks = len(blocks), len(set(blocks))
     clauses = [_blocks_clause(arch.sharing.blocks, n_layers, n_blocks, _ids(blocks))]
-    module_clauses = [c for kind in KINDS if (c := _module_clause(arch, kind, n_blocks))]
+    module_clauses = _module_clauses(arch, n_blocks)
     low_rank = _low_rank_clauses(arch)
     tied = [words for name, words in TIE_WORDS.items() if getattr(arch.sharing.ties, name)]
     factors_shared = any(getattr(arch.sharing.low_rank, f).share != "none" for f in FAMILY_WORDS)
@@ -65,16 +65,22 @@ def _blocks_clause(spec: SharingMap | None, n_layers: int, n_blocks: int, letter
     return f"{n_layers} virtual layers on {n_blocks} stored blocks ({_how(spec, letters)})"
 
 
-def _module_clause(arch: ArchConfig, kind: str, n_blocks: int) -> str | None:
-    """How the stored blocks share ``kind`` modules; None when each block has its own."""
-    inst = arch.instance_map(kind)
-    n_inst = len(set(inst))
-    if n_inst == n_blocks:
-        return None
-    if n_inst == 1:
-        return f"one {KIND_WORDS[kind]} module for all layers"
-    spec = getattr(arch.sharing.modules, kind)
-    return f"{n_inst} {KIND_WORDS[kind]} modules for {n_blocks} blocks ({_how(spec, _ids(resolve_map(spec, n_blocks)))})"
+def _module_clauses(arch: ArchConfig, n_blocks: int) -> list[str]:
+    """How the stored blocks share modules, per kind; kinds with one module for all are merged."""
+    single, out = [], []
+    for kind in KINDS:
+        n_inst = arch.n_instances(kind)
+        if n_inst == n_blocks:  # each block has its own
+            continue
+        if n_inst == 1:
+            single.append(KIND_WORDS[kind])
+            continue
+        spec = getattr(arch.sharing.modules, kind)
+        how = _how(spec, _ids(resolve_map(spec, n_blocks)))
+        out.append(f"{n_inst} {KIND_WORDS[kind]} modules for {n_blocks} blocks ({how})")
+    if single:
+        out.insert(0, f"{_and(['one ' + k for k in single])} module for all layers")
+    return out
 
 
 def _low_rank_clauses(arch: ArchConfig) -> list[str]:

@@ -36,6 +36,8 @@ GRACE_S = int(os.environ.get("NAS_GRACE_S", str(6 * HEARTBEAT_S)))
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # We record heartbeats ourselves around ask-and-tell (nas.search), which Optuna warns is unusual.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+# A retried trial inherits its budget constraint; setting it again is a no-op Optuna warns about.
+warnings.filterwarnings("ignore", message="The constraint value is ignored because this constraint")
 
 
 def storage_url(study: str, storage: str | None, results: Path) -> str:
@@ -139,7 +141,7 @@ class BudgetGate:
 
 
 def _sizes(arch: ArchConfig, c: Count, budget: Budget) -> dict:
-    return {"arch": arch.to_json(), "physical_params": c.physical, "virtual_params": c.virtual,
+    return {"arch": arch.model_dump_json(), "physical_params": c.physical, "virtual_params": c.virtual,
             "bytes": c.bytes(budget.dtype), "bytes_fp32": c.bytes("fp32"), "bytes_bf16": c.bytes("bf16"),
             "bytes_int8": c.bytes("int8"), "macs_per_second": c.macs_per_second, "dtype": budget.dtype}
 
@@ -151,7 +153,7 @@ def objective_values(objectives: tuple[str, ...], wer: float, trial: FrozenTrial
 
 def enqueue_design(study: optuna.Study, arch: ArchConfig, label: str) -> None:
     """Add a fixed design (a baseline) to the study, once: a second enqueue of it is a no-op."""
-    key = arch.to_json()
+    key = arch.model_dump_json()
     if any(t.user_attrs.get("arch") == key and t.user_attrs.get("label") == label
            for t in study.get_trials(deepcopy=False)):
         return

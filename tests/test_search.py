@@ -1,5 +1,6 @@
 """The search end to end, with Ray Tune: tiny real searches through the `nas search` command."""
 
+import csv
 import json
 import os
 import signal
@@ -55,7 +56,10 @@ def test_tiny_search_leaves_a_front_and_trains_nothing_over_budget(tiny_corpus_d
     assert_nothing_over_budget_was_trained(study)
     front = json.loads((tmp_path / "t" / "pareto.json").read_text())["front"]
     assert front and all(row["bytes"] <= 60_000 * 4 for row in front)
-    assert (tmp_path / "t" / "trials.csv").read_text().count("\n") == len(study.get_trials()) + 1
+    with open(tmp_path / "t" / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["number"]) for r in rows] == [t.number for t in study.get_trials()]
+    assert {r["state"] for r in rows} <= {"COMPLETE", "FAIL", "INFEASIBLE"}
     lines = [l for l in r.stdout.splitlines() if l.startswith("trial ")]
     assert len(lines) == 5 and all("feasible" in l or "FAIL" in l for l in lines)
     labels = {t.user_attrs.get("label") for t in study.get_trials()}
