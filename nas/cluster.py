@@ -17,9 +17,7 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    # Our own line per trial replaces Tune's progress tables and TensorBoard hints.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our line per trial replaces Tune's tables
     try:
         ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING,
                  log_to_driver=False)

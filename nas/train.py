@@ -26,7 +26,7 @@ from tqdm import tqdm
 from nas.budget import count
 from nas.config import ArchConfig, user_error
 from nas.data.corpus import Corpus
-from nas.data.features import FeatureSet, SpecAugment, bucket_batches, collate
+from nas.data.features import FeatureConfig, FeatureSet, SpecAugment, bucket_batches, collate
 from nas.data.tokenizer import BLANK, Tokenizer
 from nas.errors import UserError
 from nas.model import ConformerCTC
@@ -106,8 +106,9 @@ def train(
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _seed(schedule.seed)
-    train_set = FeatureSet(corpus.train, corpus.feature_cache)
-    dev_set = FeatureSet(corpus.dev, corpus.feature_cache)
+    features = FeatureConfig(n_mels=arch.frontend.n_mels)
+    train_set = FeatureSet(corpus.train, corpus.feature_cache, features)
+    dev_set = FeatureSet(corpus.dev, corpus.feature_cache, features)
     tokenizer = _tokenizer(out, train_set.texts, arch.vocab_size, schedule.tokenizer)
 
     model = ConformerCTC(arch, dropout=schedule.dropout).to(device)
@@ -176,7 +177,7 @@ def train(
     metrics["dev"] = evaluate(model, dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
     metrics["skipped"] = {"train": train_set.skipped, "dev": dev_set.skipped}
     if evaluate_test and not stopped_early:
-        test_set = FeatureSet(corpus.test, corpus.feature_cache)
+        test_set = FeatureSet(corpus.test, corpus.feature_cache, features)
         metrics["test"] = evaluate(model, test_set, tokenizer, schedule.batch_frames)
         metrics["skipped"]["test"] = test_set.skipped
     model.save(out / "model.safetensors")

@@ -1,0 +1,32 @@
+"""The main job end to end, on a tiny scale: search, retrain, report and export through `nas demo`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nas.config import ArchConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_main_job_runs_end_to_end_at_ci_scale(tmp_path):
+    env = {"NAS_CACHE": str(tmp_path / "cache")}  # a fresh machine: the corpus is made by the job
+    r = subprocess.run([sys.executable, "-m", "nas.cli", "demo", "--scale", "ci", "--results", str(tmp_path)],
+                       env=os.environ | env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "ci"
+    for stage in ("search", "retrain", "report", "export", "done in"):
+        assert f"] {stage}" in r.stdout
+    assert json.loads((out / "pareto.json").read_text())["front"]
+    rows = json.loads((out / "retrained.json").read_text())
+    assert {"unshared", "paper"} <= {r["label"] for r in rows}
+    assert all(r["full_test_wer"] is not None for r in rows)
+    assert "Headline: the searched design against the baselines" in (out / "report.md").read_text()
+    exported = json.loads((out / "export" / "arch.json").read_text())
+    assert ArchConfig.load(out / "export" / "arch.json") == ArchConfig.from_dict(exported["arch"])
+    assert exported["provenance"]["full_dev_wer"] is not None
+    for name in ("model.safetensors", "model.onnx", "tokenizer.model", "README.md"):
+        assert (out / "export" / name).is_file()
