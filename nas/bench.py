@@ -121,7 +121,51 @@ def bench_train(rounds: int = 3) -> dict:
     }
 
 
-BENCHMARKS: dict[str, Callable[[], dict]] = {"budget": bench_budget, "train": bench_train}
+def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", budget: str = "1M",
+                 proxy: str = "proxy", data: str = "synth", results: Path = Path("results/bench-search")) -> dict:
+    """The default sampler (TPE) against random sampling on the same space, budget and proxy, over
+    ``seeds`` seeds and ``trials`` trials each: hypervolume of (WER, bytes) after each trial. Then
+    trials per hour for 2 workers x 1 CPU against 1 worker x 2 CPUs, and the share of a trial's
+    wall time that is Ray and Optuna overhead (outside the trainer)."""
+    from nas.budget import parse_budget
+    from nas.pareto import hypervolume_curve
+    from nas.search import SearchSettings, run_search
+    from nas.space import load_space
+
+    sp, b = load_space(SPACE.parent / space), parse_budget(budget)
+    ref = (1.0, float(b.max_bytes))
+    curves: dict[str, list[list[float]]] = {"tpe": [], "random": []}
+    overhead = []
+    for sampler in curves:
+        for seed in range(seeds):
+            study = run_search(SearchSettings(space=sp, budget=b, trials=trials, sampler=sampler, seed=seed,
+                                              study=f"{sampler}-{seed}", data=data, proxy=proxy, results=results))
+            done = study.get_trials(deepcopy=False)
+            curves[sampler].append(hypervolume_curve(done, ref)[:trials])
+            overhead += [1 - t.user_attrs["trainer_seconds"] / t.duration.total_seconds() for t in done
+                         if t.user_attrs.get("trainer_seconds") and t.duration]
+    mean = {k: [statistics.mean(c[i] for c in v if len(c) > i) for i in range(trials)] for k, v in curves.items()}
+    target = mean["random"][-1]
+    reach = next((i + 1 for i, hv in enumerate(mean["tpe"]) if hv >= target), None)
+    rates = {}
+    for workers, cpus in ((2, 1), (1, 2)):
+        t0 = time.perf_counter()
+        run_search(SearchSettings(space=sp, budget=b, trials=4, workers=workers, cpus_per_trial=cpus, seed=0,
+                                  study=f"parallel-{workers}x{cpus}", data=data, proxy=proxy, results=results))
+        rates[f"{workers}x{cpus}"] = 4 / ((time.perf_counter() - t0) / 3600)
+    return {
+        "trials_per_run": trials, "seeds": seeds,
+        "hypervolume_tpe": [round(x, 4) for x in mean["tpe"]],
+        "hypervolume_random": [round(x, 4) for x in mean["random"]],
+        "tpe_trials_to_reach_random_final": reach, "goal_trials": trials // 2,
+        "trials_per_hour_2x1": round(rates["2x1"], 1), "trials_per_hour_1x2": round(rates["1x2"], 1),
+        "ratio_2x1_vs_1x2": round(rates["2x1"] / rates["1x2"], 2),
+        "overhead_share_of_trial_time": round(statistics.median(overhead), 3) if overhead else None,
+        "goal_overhead_share": 0.05,
+    }
+
+
+BENCHMARKS: dict[str, Callable[[], dict]] = {"budget": bench_budget, "train": bench_train, "search": bench_search}
 
 
 def run(which: str, out_dir: Path) -> dict:

@@ -46,7 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_count)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search"])
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
     b.set_defaults(run=_bench)
 

@@ -69,6 +69,7 @@ def proxy_trial(config: dict) -> None:
 
     torch.set_num_threads(config["threads"])
     corpus = corpus_from_config(config["corpus"])
+    t0 = time.perf_counter()
     try:
         metrics = train(ArchConfig.from_json(config["arch"]), load_schedule(config["schedule"]), corpus,
                         config["run_dir"], threads=config["threads"], progress=False, evaluate_test=False,
@@ -78,7 +79,7 @@ def proxy_trial(config: dict) -> None:
         tune.report({"wer": float("nan"), "error": reason[:500]})
         return
     tune.report({"wer": metrics["dev"]["wer"], "step": metrics["steps"], "final": True,
-                 "train_seconds": metrics["train_seconds"]})
+                 "train_seconds": metrics["train_seconds"], "trainer_seconds": time.perf_counter() - t0})
 
 
 class BudgetSearcher:
@@ -111,6 +112,8 @@ class _BudgetSearcherImpl:
         if p["done"] + p["running"] >= self.settings.trials and p["waiting"] == 0:
             return None  # the last trials are running (maybe under another driver): wait
         cand = self.gate.next_feasible()
+        # Beat at once: a trial with no heartbeat at all is never found stale if this driver dies.
+        self.study._storage.record_heartbeat(cand.trial._trial_id)
         self.live[trial_id] = cand.trial
         run_dir = self.settings.out / "trials" / run_dir_name(cand.trial.user_attrs["arch"], self.settings.proxy)
         cand.trial.set_user_attr("run_dir", str(run_dir))
@@ -135,6 +138,7 @@ class _BudgetSearcherImpl:
             self.study.tell(trial, state=TrialState.FAIL)
         else:
             trial.set_user_attr("train_seconds", result.get("train_seconds"))
+            trial.set_user_attr("trainer_seconds", result.get("trainer_seconds"))  # the whole train() call
             self.study.tell(trial, objective_values(self.settings.objectives, result["wer"], trial))
         self.on_finish(self.study.get_trials(deepcopy=False)[trial.number])
 
