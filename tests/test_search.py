@@ -111,18 +111,18 @@ def test_two_drivers_on_one_postgres_study_record_every_trial_once(tiny_corpus_d
     study = f"two-{os.getpid()}-{int(time.time())}"
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
+    env = os.environ | FAST_HEARTBEAT | {"RAY_AUTH_MODE": "disabled"}  # a loopback-only test cluster
     subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
-                   check=True, capture_output=True, timeout=120)
+                   check=True, capture_output=True, timeout=120, env=env)
     try:
         cmd = nas_search(tmp_path, tiny_corpus_dir, "--storage", url, "--address", f"127.0.0.1:{port}",
                          "--workers", "1", study=study, trials=4)
-        env = os.environ | FAST_HEARTBEAT
         drivers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for _ in range(2)]
         outs = [d.communicate(timeout=600) for d in drivers]
         assert all(d.returncode == 0 for d in drivers), [o[1][-2000:] for o in outs]
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
     s = load(tmp_path, study, storage=url)
     printed = [int(l.split()[1].rstrip(":")) for out, _ in outs for l in out.splitlines() if l.startswith("trial ")]
     assert len(printed) == len(set(printed))  # no trial was told twice
