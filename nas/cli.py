@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nas.errors import UserError
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's default prints the usage block too
         raise UserError("cli", self.prog.removeprefix("nas").strip() or "nas", message)
@@ -262,7 +263,8 @@ def _transcribe(args) -> int:
     from nas.export import transcribe
 
     for audio in args.audio:
-        print(f"{audio}\t{transcribe(args.export_dir, audio)}" if len(args.audio) > 1 else transcribe(args.export_dir, audio))
+        text = transcribe(args.export_dir, audio)
+        print(f"{audio}\t{text}" if len(args.audio) > 1 else text)
     return 0
 
 

@@ -22,6 +22,8 @@ from nas.cluster import corpus_config, corpus_from_config, init_ray, prepare_dat
 from nas.errors import UserError
 from nas.pareto import front
 
+BASELINES = ("unshared", "paper")  # the labels nas.baselines gives its designs
+
 
 def open_existing_study(study: str, storage: str | None, results: Path) -> optuna.Study:
     """A study that must already exist (``nas retrain``, ``report``, ``export``)."""
@@ -57,11 +59,11 @@ def pick_spread(trials: list[FrozenTrial], k: int) -> list[FrozenTrial]:
 
 
 def designs_to_retrain(study: optuna.Study, top: int) -> list[FrozenTrial]:
-    """The spread front designs, then the baselines (labelled trials), each once."""
-    picked = pick_spread(front(study), top)
+    """``top`` searched designs spread along the front, then the baselines (labelled trials)."""
+    picked = pick_spread([t for t in front(study) if t.user_attrs.get("label") not in BASELINES], top)
     numbers = {t.number for t in picked}
     for t in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.FAIL]):
-        if t.user_attrs.get("label") in ("unshared", "paper") and t.number not in numbers:
+        if t.user_attrs.get("label") in BASELINES and t.number not in numbers:
             picked.append(t)
             numbers.add(t.number)
     return picked
@@ -93,6 +95,8 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
     from ray import tune
 
     from nas.train import load_schedule
+
+    out = out.resolve()  # Tune runs each trial in its own working directory
 
     load_schedule(schedule)
     settings = study.user_attrs["settings"]

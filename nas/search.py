@@ -50,6 +50,10 @@ class SearchSettings:
     baselines: bool = True
     results: Path = Path("results")
 
+    def __post_init__(self) -> None:
+        # Tune runs each trial in its own working directory: every path handed to it is absolute.
+        self.results = Path(self.results).resolve()
+
     @property
     def out(self) -> Path:
         return self.results / self.study
