@@ -166,6 +166,9 @@ def _verdict(best: dict | None, base: dict[str, dict | None]) -> str:
         return f"**No verdict: the {' and '.join(missing)} baseline was not retrained in full.**"
     gains = {label: _gain(best, r) for label, r in base.items()}
     text = " and ".join(f"{_relative(best, r)} vs {label}" for label, r in base.items())
+    if min([best["full_test_wer"]] + [r["full_test_wer"] for r in base.values()]) >= 1.0:
+        return (f"**No verdict: every design's test WER is at least 100% ({text}); the retrain schedule "
+                "was too short for any of them to learn to spell words, so these differences mean nothing.**")
     if all(g >= WIN_MARGIN for g in gains.values()):
         return (f"**Yes: the searched design (trial {best['number']}) beats both baselines by at least "
                 f"{WIN_MARGIN:.0%} relative test WER ({text}).**")

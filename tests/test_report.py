@@ -158,3 +158,11 @@ def test_importance_of_design_decisions_on_a_larger_study(tmp_path):
     table = section(md, "Importance of each design decision")
     assert evaluator in table and "| low_rank.ffn_" in table
     assert_png(tmp_path / "importance.png")
+
+
+def test_no_verdict_when_nothing_has_learned(tmp_path):
+    from nas.report import _verdict
+
+    row = {"number": 1, "full_test_wer": 1.05}
+    text = _verdict(row, {"unshared": {"number": 2, "full_test_wer": 1.3}, "paper": {"number": 3, "full_test_wer": 1.2}})
+    assert text.startswith("**No verdict: every design's test WER is at least 100%")
