@@ -45,7 +45,7 @@ def prepare_data(spec: str) -> Corpus:
     from nas.data.features import FeatureSet
 
     corpus = resolve_data(spec)
-    for manifest in (corpus.train, corpus.dev):
+    for manifest in (corpus.train, corpus.dev, corpus.test):
         FeatureSet(manifest, corpus.feature_cache)
     return corpus
 

@@ -88,6 +88,8 @@ def write_report(study: optuna.Study, out_dir: Path, budget_bytes: int, dtype: s
     for name in PNGS:  # a figure a section no longer draws must not linger beside the report
         (out_dir / name).unlink(missing_ok=True)
     trials = study.get_trials(deepcopy=False)
+    # A retrain that failed has no full WER: it is reported as not retrained.
+    retrained = [r for r in retrained or [] if r.get("full_test_wer") is not None]
     sections = [
         headline_section(retrained, budget_bytes) if retrained else None,
         how_to_read_section(),

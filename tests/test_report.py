@@ -166,3 +166,15 @@ def test_no_verdict_when_nothing_has_learned(tmp_path):
     row = {"number": 1, "full_test_wer": 1.05}
     text = _verdict(row, {"unshared": {"number": 2, "full_test_wer": 1.3}, "paper": {"number": 3, "full_test_wer": 1.2}})
     assert text.startswith("**No verdict: every design's test WER is at least 100%")
+
+
+def test_a_failed_retrain_is_left_out_not_a_crash(tmp_path):
+    import optuna
+
+    from nas.report import write_report
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    failed = {"number": 0, "label": "unshared", "proxy_wer": 1.0, "full_dev_wer": None, "full_test_wer": None,
+              "full_test_cer": None, "bytes": 10, "physical_params": 10, "arch": {}}
+    text = write_report(study, tmp_path, 100, "fp32", retrained=[failed]).read_text()
+    assert "Headline" not in text

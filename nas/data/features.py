@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import itertools
 import logging
 import random
@@ -152,7 +153,7 @@ class FeatureSet:
         cache = Path(cache_dir) / f"{manifest.stem}-{key.hexdigest()[:16]}.pt"
         if not cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # concurrent workers may compute it too
             torch.save(self._compute(manifest, cfg), tmp)
             tmp.replace(cache)
         data = torch.load(cache, mmap=True)  # features are paged in as batches use them
