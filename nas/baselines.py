@@ -29,7 +29,8 @@ def _common(space: Space) -> dict:
 
 
 def _largest(designs: list[dict], budget: Budget) -> ArchConfig | None:
-    fitting = [(count(a).physical, a) for a in map(ArchConfig.from_dict, designs) if budget.fits(count(a))]
+    counted = [(count(a), a) for a in map(ArchConfig.from_dict, designs)]
+    fitting = [(c.physical, a) for c, a in counted if budget.fits(c)]
     return max(fitting, key=lambda pa: pa[0])[1] if fitting else None
 
 
