@@ -49,6 +49,12 @@ def _build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
     b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search"])
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
+    b.add_argument("--trials", type=int, default=12, help="search: trials per study (default 12)")
+    b.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler (default 3)")
+    b.add_argument("--space", default="paper.yaml", help="search: a file of search_spaces/ (default paper.yaml)")
+    b.add_argument("--budget", default="1M", help="search: the budget (default 1M)")
+    b.add_argument("--proxy", default="proxy", help="search: the proxy schedule (default proxy)")
+    b.add_argument("--data", default="synth", help="search: the corpus (default synth)")
     b.set_defaults(run=_bench)
 
     data = sub.add_parser("data", help="prepare a corpus").add_subparsers(parser_class=_Parser)
@@ -86,6 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--objectives", default="wer,bytes", help="wer,bytes or wer,bytes,macs")
     se.add_argument("--enqueue", type=Path, action="append", default=[], help="ArchConfig JSON to add (repeatable)")
     se.add_argument("--no-baselines", action="store_true", help="don't add the built-in baselines")
+    se.add_argument("--max-trial-memory", type=_megabytes, metavar="SIZE",
+                    help="memory guard: a trial whose process holds more (e.g. 6GB, 800MB) stops as FAIL")
     se.add_argument("--results", type=Path, default=Path("results"), help="where results/<study>/ goes")
     se.set_defaults(run=_search)
 
@@ -160,11 +168,15 @@ def _data_librispeech(args) -> int:
 def _train(args) -> int:
     from nas.config import ArchConfig
     from nas.data.corpus import resolve_data
+    from nas.data.features import skipped_text
     from nas.train import load_schedule, train
 
     arch = ArchConfig.load(args.arch)
     schedule = load_schedule(args.schedule)
     metrics = train(arch, schedule, resolve_data(args.data), args.out, threads=args.threads)
+    for split, skipped in metrics["skipped"].items():
+        if skipped:
+            print(f"{split}: {skipped_text(skipped).removeprefix(', ')}: audio that would not decode")
     line = f"dev WER {metrics['dev']['wer']:.3f}"
     if "test" in metrics:
         line += f", test WER {metrics['test']['wer']:.3f} (CER {metrics['test']['cer']:.3f})"
@@ -190,7 +202,7 @@ def _search(args) -> int:
         space=space, budget=budget, trials=args.trials, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
         sampler=args.sampler, seed=args.seed, study=args.study or space.name, storage=args.storage,
         address=args.address, data=args.data, proxy=args.proxy, objectives=objectives, enqueue=args.enqueue,
-        baselines=not args.no_baselines, results=args.results))
+        baselines=not args.no_baselines, results=args.results, max_trial_memory_mb=args.max_trial_memory))
     return 0
 
 
@@ -209,6 +221,15 @@ def _retrain(args) -> int:
     return 0
 
 
+def _megabytes(text: str) -> float:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(MB|GB)\s*", text, re.IGNORECASE)
+    if not m or float(m[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 800MB or 6GB")
+    return float(m[1]) * (1024 if m[2].upper() == "GB" else 1)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -222,7 +243,9 @@ def _positive(text: str) -> int:
 def _bench(args) -> int:
     from nas import bench
 
-    bench.run(args.which, args.out)
+    search = {"trials": args.trials, "seeds": args.seeds, "space": args.space, "budget": args.budget,
+              "proxy": args.proxy, "data": args.data}
+    bench.run(args.which, args.out, search)
     return 0
 
 

@@ -40,14 +40,19 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UserError("--address", "", f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc}") from None
 
 
-def prepare_data(spec: str) -> Corpus:
-    """Resolve the corpus and compute its features once, before workers need them."""
-    from nas.data.features import FeatureSet
+def prepare_data(spec: str) -> tuple[Corpus, str]:
+    """Resolve the corpus and compute its features once, before workers need them.
+
+    Returns the corpus and a one-line summary for the run's output: utterances per split, and
+    the rows skipped because their audio would not decode."""
+    from nas.data.features import FeatureSet, skipped_text
 
     corpus = resolve_data(spec)
-    for manifest in (corpus.train, corpus.dev, corpus.test):
-        FeatureSet(manifest, corpus.feature_cache)
-    return corpus
+    parts = []
+    for split, manifest in (("train", corpus.train), ("dev", corpus.dev), ("test", corpus.test)):
+        fs = FeatureSet(manifest, corpus.feature_cache)
+        parts.append(f"{split} {len(fs)} utterances{skipped_text(fs.skipped)}")
+    return corpus, f"corpus {spec}: " + "; ".join(parts)
 
 
 def corpus_config(corpus: Corpus) -> dict:

@@ -100,7 +100,8 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
 
     load_schedule(schedule)
     settings = study.user_attrs["settings"]
-    corpus = prepare_data(settings["data"])
+    corpus, corpus_line = prepare_data(settings["data"])
+    print(corpus_line, flush=True)
     chosen = designs_to_retrain(study, top)
     jobs = []
     for t in chosen:

@@ -49,6 +49,7 @@ class SearchSettings:
     enqueue: list[Path] = field(default_factory=list)
     baselines: bool = True
     results: Path = Path("results")
+    max_trial_memory_mb: float | None = None  # a trial's process holding more is stopped, FAIL
 
     def __post_init__(self) -> None:
         # Tune runs each trial in its own working directory: every path handed to it is absolute.
@@ -77,7 +78,7 @@ def proxy_trial(config: dict) -> None:
     try:
         metrics = train(ArchConfig.from_json(config["arch"]), load_schedule(config["schedule"]), corpus,
                         config["run_dir"], threads=config["threads"], progress=False, evaluate_test=False,
-                        callback=lambda step, point: tune.report({"wer": point["dev_wer"], "step": step}))
+                        max_memory_mb=config["max_memory_mb"], callback=lambda step, point: tune.report({"wer": point["dev_wer"], "step": step}))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a FAIL with its reason
         reason = exc.line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         tune.report({"wer": float("nan"), "error": reason[:500]})
@@ -123,11 +124,13 @@ class _BudgetSearcherImpl:
         cand.trial.set_user_attr("run_dir", str(run_dir))
         return {"arch": cand.arch.to_json(), "number": cand.trial.number, "schedule": self.settings.proxy,
                 "run_dir": str(run_dir), "threads": self.settings.cpus_per_trial,
+                "max_memory_mb": self.settings.max_trial_memory_mb,
                 "corpus": corpus_config(self.corpus)}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         trial = self.live.get(trial_id)
-        if trial is not None and "wer" in result and not result.get("final"):
+        # Intermediate points only: the final report and a failed trial's report carry no step.
+        if trial is not None and "step" in result and "error" not in result and not result.get("final"):
             curve = dict(trial.user_attrs.get("curve", {}))
             curve[str(result["step"])] = result["wer"]
             trial.set_user_attr("curve", curve)
@@ -177,7 +180,8 @@ def run_search(s: SearchSettings) -> optuna.Study:
 
     screen_budget(s.space, s.budget)  # an impossible budget is found before anything is written
     enqueued = load_enqueue_files(s.enqueue)
-    corpus = prepare_data(s.data)
+    corpus, corpus_line = prepare_data(s.data)
+    print(corpus_line, flush=True)
     if s.address and s.address != "auto":
         check_reachable(s.address)  # before the storage: a refused run writes nothing
     storage = open_storage(storage_url(s.study, s.storage, s.results))
@@ -204,6 +208,7 @@ def run_search(s: SearchSettings) -> optuna.Study:
     p = progress(study)
     print(f"study {s.study}: {p['done']} trials done ({p['complete']} complete, {p['failed']} failed); "
           f"{p['infeasible']} infeasible samples ({p['waste_pct']}% of samples); front in {s.out / 'pareto.json'}")
+    print(corpus_line)  # the run summary repeats what the corpus lost, after the trials' lines
     return study
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -88,6 +89,20 @@ class Diverged(UserError):
     """The loss stayed non-finite; the last good checkpoint is kept."""
 
 
+class OverMemory(UserError):
+    """The run's process grew past its memory guard (``max_memory_mb``)."""
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB: Linux's /proc, else the peak that getrusage keeps."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def train(
     arch: ArchConfig,
     schedule: Schedule,
@@ -97,9 +112,14 @@ def train(
     threads: int | None = None,
     progress: bool = True,
     evaluate_test: bool = True,
+    max_memory_mb: float | None = None,
 ) -> dict:
     """Train ``arch`` under ``schedule`` on ``corpus``; write ``metrics.json``, the checkpoint and
-    the tokenizer into ``out_dir`` and return the metrics. Resumes from a checkpoint there."""
+    the tokenizer into ``out_dir`` and return the metrics. Resumes from a checkpoint there.
+
+    ``max_memory_mb`` is a memory guard: once the process holds more after a step, the run stops
+    with :class:`OverMemory` (the last checkpoint is kept), before the machine starts to swap or
+    the kernel kills a whole worker."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
@@ -153,6 +173,9 @@ def train(
                                f"{state['step']}; the last good checkpoint is kept")
             continue
         streak = 0
+        if max_memory_mb is not None and (held := rss_mb()) > max_memory_mb:
+            raise OverMemory(str(out), "memory", f"the process holds {held:,.0f} MB at step {state['step']}, "
+                             f"over its guard of {max_memory_mb:,.0f} MB")
         opt.step()
         sched.step()
         state["step"] += 1
@@ -244,7 +267,11 @@ def _save(path: Path, arch, schedule, model, opt, sched, state) -> None:
 
 
 def _resume(path: Path, arch, schedule, model, opt, sched) -> dict:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises pickle, zip and EOF errors for damaged files
+        raise UserError(str(path), "", f"cannot read this checkpoint ({type(exc).__name__}); delete it to start "
+                        "the run over") from None
     if ck["arch"] != arch.to_json() or ck["schedule"] != schedule.model_dump():
         raise UserError(str(path), "", "holds a run of another design or schedule; use another --out")
     model.load_state_dict(ck["model"], strict=False)

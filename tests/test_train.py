@@ -9,10 +9,11 @@ import torch
 import nas.train
 from nas.config import ArchConfig
 from nas.data.corpus import resolve_data
-from nas.data.manifest import read_manifest, write_manifest
+from damage import corrupt_flac
+from nas.data.manifest import Utterance, read_manifest, write_manifest
 from nas.data.tokenizer import Tokenizer
 from nas.errors import UserError
-from nas.train import Diverged, Schedule, greedy_decode, load_schedule, train
+from nas.train import Diverged, OverMemory, Schedule, greedy_decode, load_schedule, train
 
 
 def schedule(**over) -> Schedule:
@@ -75,16 +76,33 @@ def test_callback_can_stop_a_run_early(tiny_corpus_dir, tiny_arch, tmp_path):
     assert m["stopped_early"] and m["steps"] == 6 and "test" not in m
 
 
-def test_corrupt_missing_and_empty_rows_are_skipped_and_counted(tiny_corpus_dir, tiny_arch, tmp_path):
+def test_audio_that_will_not_decode_is_skipped_and_counted(tiny_corpus_dir, tiny_arch, tmp_path):
     rows = read_manifest(tiny_corpus_dir / "train.jsonl")
-    corrupt = tmp_path / "corrupt.wav"
-    corrupt.write_bytes(b"RIFF\x00\x00garbage" * 10)
-    bad = [rows[0].__class__("bad1", corrupt, "some text"), rows[0].__class__("bad2", tmp_path / "nope.wav", "x"),
-           rows[0].__class__("bad3", rows[1].audio, "  ?! ")]
+    bad = [Utterance("bad1", corrupt_flac(tmp_path / "bad1.flac"), "some text"),
+           Utterance("bad2", corrupt_flac(tmp_path / "bad2.flac", seconds=2.0), "more text")]
     corpus = corpus_of(tmp_path, rows + bad)
     m = train(tiny_arch, schedule(steps=3, eval_every=3), corpus, tmp_path / "run", progress=False)
-    assert m["skipped"]["train"] == {"bad audio": 1, "missing audio": 1, "empty text": 1}
+    assert m["skipped"]["train"] == {"bad audio": 2}
     assert m["skipped"]["test"] == m["skipped"]["train"]
+
+
+def test_a_damaged_checkpoint_is_one_clear_error(tiny_corpus_dir, tiny_arch, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a zip file")
+    with pytest.raises(UserError, match=r"checkpoint\.pt: cannot read this checkpoint \(.*\); delete it"):
+        train(tiny_arch, schedule(steps=3), resolve_data(f"manifest:{tiny_corpus_dir}"), tmp_path / "run",
+              progress=False)
+
+
+def test_a_run_over_its_memory_guard_stops_with_a_clear_error(tiny_corpus_dir, tiny_arch, tmp_path):
+    held = nas.train.rss_mb()
+    assert 50 < held < 24 * 1024  # torch alone holds more than 50 MB: the reading is real
+    with pytest.raises(OverMemory, match=r"run: memory: the process holds [\d,]+ MB at step 0, over its guard of 1"):
+        train(tiny_arch, schedule(steps=3), resolve_data(f"manifest:{tiny_corpus_dir}"), tmp_path / "run",
+              progress=False, max_memory_mb=1)
+    m = train(tiny_arch, schedule(steps=3), resolve_data(f"manifest:{tiny_corpus_dir}"), tmp_path / "run2",
+              progress=False, max_memory_mb=held + 2048)
+    assert m["steps"] == 3
 
 
 def test_a_persistently_non_finite_loss_stops_with_a_clear_error(tiny_corpus_dir, tiny_arch, tmp_path):

@@ -33,6 +33,21 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     return wav
 
 
+def probe_audio(path: str | Path) -> int:
+    """The sample rate in a file's header, read without decoding; raises AudioError.
+
+    It finds what a manifest gets wrong (a missing file, a file that is not audio, a rate too low)
+    in microseconds per file, before hours of decoding start. Damage inside the data is found
+    only by :func:`load_audio`.
+    """
+    if not Path(path).is_file():
+        raise AudioError("no such file")
+    try:
+        return sf.info(str(path)).samplerate
+    except Exception as exc:  # soundfile raises several types for files it cannot parse
+        raise AudioError(f"not an audio file soundfile can read ({str(exc).splitlines()[0]})") from None
+
+
 def write_audio(path: str | Path, wav: torch.Tensor | np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,13 @@ class SpecAugment:
         return out
 
 
+def skipped_text(skipped: dict[str, int]) -> str:
+    """``", 2 skipped (1 bad audio, 1 short audio)"``, or ``""`` when nothing was skipped."""
+    if not skipped:
+        return ""
+    return f", {sum(skipped.values())} skipped ({', '.join(f'{n} {why}' for why, n in skipped.items())})"
+
+
 class _Skip(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(reason, detail)
@@ -115,12 +122,8 @@ class _Skip(Exception):
 
 
 def _read(utt: Utterance, cfg: FeatureConfig) -> tuple[str, Tensor]:
-    """The normalized transcript and the waveform ``(samples,)`` of a row; raises _Skip."""
+    """The normalized transcript and the waveform ``(samples,)`` of a checked row; raises _Skip."""
     text = normalize(utt.text)
-    if not text:
-        raise _Skip("empty text", f"transcript {utt.text!r}")
-    if not Path(utt.audio).is_file():
-        raise _Skip("missing audio", f"{utt.audio} not found")
     try:
         wav = load_audio(utt.audio, cfg.sample_rate)
     except AudioError as exc:
@@ -133,8 +136,9 @@ def _read(utt: Utterance, cfg: FeatureConfig) -> tuple[str, Tensor]:
 class FeatureSet:
     """Features of a manifest's usable utterances, computed once and cached in ``cache_dir``.
 
-    The cache file is keyed by the manifest's bytes and location and by ``cfg``. A row with an
-    empty normalized transcript, or audio that is missing, unreadable, empty or shorter than one
+    The cache file is keyed by the manifest's bytes and location and by ``cfg``. The manifest's
+    rows are checked first (:func:`read_manifest` with ``check_files``): a wrong one is a
+    UserError. A row whose audio then fails to decode, or is empty, non-finite or shorter than one
     window, is left out with one warning; ``skipped`` counts them by reason.
 
     Attributes:
@@ -157,7 +161,7 @@ class FeatureSet:
             torch.save(self._compute(manifest, cfg), tmp)
             tmp.replace(cache)
         data = torch.load(cache, mmap=True)  # features are paged in as batches use them
-        log.info("%s: %d utterances, skipped %s; in %s", manifest, len(data["ids"]), data["skipped"], cache)
+        log.info("%s: %d utterances%s; in %s", manifest, len(data["ids"]), skipped_text(data["skipped"]), cache)
         self.cfg = cfg
         self.ids: list[str] = data["ids"]
         self.texts: list[str] = data["texts"]
@@ -171,7 +175,7 @@ class FeatureSet:
     def _compute(manifest: Path, cfg: FeatureConfig) -> dict:
         data = {"ids": [], "texts": [], "durations": [], "lengths": [], "skipped": {}}
         feats = []
-        for utt in tqdm(read_manifest(manifest), desc=f"features {manifest.name}", unit="utt"):
+        for utt in tqdm(read_manifest(manifest, check_files=True), desc=f"features {manifest.name}", unit="utt"):
             try:
                 text, wav = _read(utt, cfg)
             except _Skip as skip:

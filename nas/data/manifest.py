@@ -17,6 +17,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nas.data.audio import SAMPLE_RATE, AudioError, probe_audio
+from nas.data.text import normalize
 from nas.errors import UserError
 
 SPLITS = ("train", "dev", "test")
@@ -31,11 +33,14 @@ class Utterance:
     duration: float | None = None
 
 
-def read_manifest(path: str | Path) -> list[Utterance]:
+def read_manifest(path: str | Path, check_files: bool = False) -> list[Utterance]:
     """Read a JSONL manifest. Malformed rows are a :class:`UserError` naming file, line and field.
 
-    Rows whose audio is missing or unreadable are *not* rejected here: they are skipped and
-    counted when features are computed, so one broken file never ends a long run.
+    With ``check_files`` (before features are computed), each row must also point at audio whose
+    header reads, at ``SAMPLE_RATE`` or above (higher rates are resampled), and its transcript must
+    keep some words after normalization. These are mistakes of the manifest, found in seconds with
+    nothing computed yet. Damage inside the audio data is not checked here: such a row is skipped
+    and counted when features are computed, so one corrupt file never ends a long run.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,6 +65,8 @@ def read_manifest(path: str | Path) -> list[Utterance]:
         audio = Path(obj["audio"])
         if not audio.is_absolute():
             audio = path.parent / audio
+        if check_files:
+            _check_row(path, where, audio, obj["text"])
         rows.append(
             Utterance(
                 id=str(obj.get("id", f"{path.stem}-{lineno}")),
@@ -72,6 +79,18 @@ def read_manifest(path: str | Path) -> list[Utterance]:
     if not rows:
         raise UserError(str(path), "", "manifest has no rows")
     return rows
+
+
+def _check_row(path: Path, where: str, audio: Path, text: str) -> None:
+    if not normalize(text):
+        raise UserError(str(path), f"{where}.text", f"no words left in {text!r} after normalization")
+    try:
+        rate = probe_audio(audio)
+    except AudioError as exc:
+        raise UserError(str(path), f"{where}.audio", f"{audio}: {exc}") from None
+    if rate < SAMPLE_RATE:
+        raise UserError(str(path), f"{where}.audio", f"{audio}: {rate} Hz, below the {SAMPLE_RATE} Hz the "
+                        "features need (upsampling cannot restore the missing band)")
 
 
 def write_manifest(path: str | Path, rows: list[Utterance]) -> None:

@@ -13,6 +13,7 @@ from nas.data.features import FeatureConfig, FeatureSet, SpecAugment, bucket_bat
 from nas.data.manifest import Utterance, write_manifest
 from nas.data.tokenizer import Tokenizer
 from nas.errors import UserError
+from damage import corrupt_flac
 
 SR = 16_000
 
@@ -96,16 +97,15 @@ def test_cache_hit_does_not_recompute(corpus, tmp_path, monkeypatch):
         FeatureSet(corpus, tmp_path / "cache")
 
 
-def test_bad_rows_are_skipped_and_counted(tmp_path, caplog):
-    rows = [("good1", 0.5, "fine"), ("good2", 0.4, "also fine"), ("mute", 0.5, "?! 42")]
-    good = make_utterances(tmp_path, rows)
-    (tmp_path / "garbage.wav").write_bytes(b"this is not a wav file" * 50)
+def test_rows_whose_audio_will_not_decode_are_skipped_and_counted(tmp_path, caplog):
+    good = make_utterances(tmp_path, [("good1", 0.5, "fine"), ("good2", 0.4, "also fine")])
     sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), SR)
     sf.write(tmp_path / "tiny.wav", np.zeros(100, dtype=np.float32), SR)
+    sf.write(tmp_path / "nan.wav", np.full(SR, np.nan, dtype=np.float32), SR, subtype="FLOAT")
     bad = [
-        Utterance("missing", tmp_path / "nowhere.wav", "some words"),
-        Utterance("garbage", tmp_path / "garbage.wav", "some words"),
+        Utterance("corrupt", corrupt_flac(tmp_path / "corrupt.flac"), "some words"),
         Utterance("empty", tmp_path / "empty.wav", "some words"),
+        Utterance("nan", tmp_path / "nan.wav", "some words"),
         Utterance("tiny", tmp_path / "tiny.wav", "some words"),
     ]
     write_manifest(tmp_path / "train.jsonl", good + bad)
@@ -113,19 +113,45 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="nas.data.features"):
         fs = FeatureSet(tmp_path / "train.jsonl", tmp_path / "cache")
     assert fs.ids == ["good1", "good2"]
-    assert fs.skipped == {"empty text": 1, "missing audio": 1, "bad audio": 2, "short audio": 1}
+    assert fs.skipped == {"bad audio": 3, "short audio": 1}
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 5
-    for utt_id in ("mute", "missing", "garbage", "empty", "tiny"):
+    assert len(warned) == 4
+    for utt_id in ("corrupt", "empty", "nan", "tiny"):
         assert sum(f": {utt_id}: skipped" in w for w in warned) == 1
+    assert features.skipped_text(fs.skipped) == ", 4 skipped (3 bad audio, 1 short audio)"
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("missing", r"line 3\.audio: .*nowhere\.wav: no such file"),
+    ("not audio", r"line 3\.audio: .*notes\.wav: not an audio file soundfile can read"),
+    ("8 kHz", r"line 3\.audio: .*narrow\.wav: 8000 Hz, below the 16000 Hz"),
+    ("no words", r"line 3\.text: no words left in '\?! …' after normalization"),
+])
+def test_manifest_mistakes_are_refused_before_anything_is_decoded(tmp_path, mistake, message):
+    rows = make_utterances(tmp_path, [("good1", 0.5, "fine"), ("good2", 0.4, "also fine")])
+    (tmp_path / "notes.wav").write_text("these are my notes, not audio\n" * 20)
+    sf.write(tmp_path / "narrow.wav", sweep_and_noise(0.5)[::2], 8000)
+    wrong = {"missing": Utterance("x", tmp_path / "nowhere.wav", "words"),
+             "not audio": Utterance("x", tmp_path / "notes.wav", "words"),
+             "8 kHz": Utterance("x", tmp_path / "narrow.wav", "words"),
+             "no words": Utterance("x", rows[0].audio, "?! …")}[mistake]
+    write_manifest(tmp_path / "train.jsonl", rows + [wrong])
+    with pytest.raises(UserError, match=r"train\.jsonl: " + message):
+        FeatureSet(tmp_path / "train.jsonl", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_higher_sample_rates_are_resampled(tmp_path):
+    sf.write(tmp_path / "wide.wav", np.repeat(sweep_and_noise(1.0), 3), 48_000)
+    write_manifest(tmp_path / "train.jsonl", [Utterance("w", tmp_path / "wide.wav", "words")])
+    fs = FeatureSet(tmp_path / "train.jsonl", tmp_path / "cache")
+    assert fs.lengths == [101]  # one second at 16 kHz
 
 
 def test_no_usable_row_is_a_user_error(tmp_path):
-    write_manifest(
-        tmp_path / "dev.jsonl",
-        [Utterance("x", tmp_path / "x.wav", "words"), Utterance("y", tmp_path / "y.wav", "words")],
-    )
-    with pytest.raises(UserError, match=r"dev\.jsonl: no usable utterance \(2 skipped: 2 missing audio\)"):
+    write_manifest(tmp_path / "dev.jsonl", [Utterance("x", corrupt_flac(tmp_path / "x.flac"), "words"),
+                                            Utterance("y", corrupt_flac(tmp_path / "y.flac"), "words")])
+    with pytest.raises(UserError, match=r"dev\.jsonl: no usable utterance \(2 skipped: 2 bad audio\)"):
         FeatureSet(tmp_path / "dev.jsonl", tmp_path / "cache")
 
 
