@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from nas.budget import Budget
 from nas.cluster import check_reachable, corpus_config, corpus_from_config, init_ray, prepare_data, run_dir_name
-from nas.data.corpus import Corpus
+from nas.data.corpus import Corpus, check_spec
 from nas.errors import UserError
 from nas.space import Space
 from nas.study import (
@@ -180,11 +180,12 @@ def run_search(s: SearchSettings) -> optuna.Study:
 
     screen_budget(s.space, s.budget)  # an impossible budget is found before anything is written
     enqueued = load_enqueue_files(s.enqueue)
-    corpus, corpus_line = prepare_data(s.data)
-    print(corpus_line, flush=True)
+    check_spec(s.data)  # everything the user typed is checked before anything is written
     if s.address and s.address != "auto":
         check_reachable(s.address)  # before the storage: a refused run writes nothing
-    storage = open_storage(storage_url(s.study, s.storage, s.results))
+    storage = open_storage(storage_url(s.study, s.storage, s.results))  # before hours of feature extraction
+    corpus, corpus_line = prepare_data(s.data)
+    print(corpus_line, flush=True)
     init_ray(s.address)
     record = {"space": s.space.name, "budget": s.budget.text, "objectives": list(s.objectives),
               "data": s.data, "proxy": s.proxy}
@@ -219,12 +220,14 @@ def screen_budget(space: Space, budget: Budget, samples: int = 3000, seed: int =
     from nas.budget import count
 
     rng = random.Random(seed)
-    sizes = []
+    sizes, invalid = [], None
     for _ in range(samples):
         try:
             sizes.append(count(space.random(rng)).bytes(budget.dtype))
-        except UserError:
-            continue
+        except UserError as exc:
+            invalid = invalid or exc
+    if not sizes and invalid:
+        raise invalid  # no design of the space is valid at all: say why, not "nothing fits"
     fit = sum(b <= budget.max_bytes for b in sizes)
     if not fit:
         smallest = min(sizes) if sizes else 0

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, get_args
+from types import UnionType
+from typing import Annotated, Any, Callable, Literal, Union, get_args, get_origin
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from nas.budget import Budget, parse_budget
 from nas.config import ArchConfig
@@ -211,16 +213,39 @@ def _check_knob(name: str, spec: Any, seen: set[str], src: str) -> Knob:
 
 
 def _check_paths(space: Space) -> None:
-    """Every knob that is not a $helper must name an `ArchConfig` field."""
+    """Every knob that is not a $helper must name an `ArchConfig` field, and every value it can
+    take (a fixed value, each choice) must have that field's type."""
     for knob in space.knobs:
         if knob.name.startswith("$"):
             continue
         node: Any = ArchConfig
+        annotation: Any = None
         for part in knob.name.split("."):
             fields = getattr(node, "model_fields", None)
             if fields is None or part not in fields:
                 raise UserError(space.source, f"knobs.{knob.name}", "unknown knob: no such ArchConfig field")
-            node = _model_type(fields[part].annotation)
+            annotation = fields[part].annotation
+            node = _model_type(annotation)
+        values = [knob.spec] if knob.fixed else knob.spec.get("choice", [])
+        for value in values:
+            try:
+                TypeAdapter(annotation).validate_python(value, strict=True)
+            except ValidationError:
+                where = f"knobs.{knob.name}" + ("" if knob.fixed else ".choice")
+                raise UserError(space.source, where, f"{value!r} is not a valid value for this field "
+                                f"({_type_name(annotation)})") from None
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, get_args(annotation)))
+    if annotation is type(None):
+        return "null"
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def _model_type(annotation: Any) -> Any:

@@ -14,6 +14,7 @@ FAIL and retried (same parameters) by ``RetryHeartbeatStaleTrialCallback``.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,19 +48,32 @@ def storage_url(study: str, storage: str | None, results: Path) -> str:
     return f"sqlite:///{(results / study / 'study.db').resolve()}"
 
 
-def open_storage(url: str) -> RDBStorage:
+def open_storage(url: str, attempts: int = 5) -> RDBStorage:
     """Optuna's RDB storage with heartbeats; an unreachable database is one clear error."""
-    try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {},
-        )
-    except Exception as exc:  # sqlalchemy raises many types for bad URLs and dead servers
-        reason = str(exc).strip().splitlines()[0][:200]
-        raise UserError("--storage", "", f"cannot open {_redact(url)}: {reason}") from None
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {},
+            )
+        except Exception as exc:  # sqlalchemy raises many types for bad URLs and dead servers
+            if _lost_schema_race(exc) and attempt < attempts - 1:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise UserError("--storage", "", f"cannot open {_redact(url)}: {reason}") from None
+    raise AssertionError("unreachable")
+
+
+def _lost_schema_race(exc: Exception) -> bool:
+    """Drivers that open a new database at once race to create Optuna's tables; the loser sees a
+    duplicate table or version row. Once the winner is done, opening again succeeds."""
+    from sqlalchemy.exc import IntegrityError
+
+    return isinstance(exc, IntegrityError) or "already exists" in str(exc)
 
 
 def _redact(url: str) -> str:

@@ -141,6 +141,7 @@ def train(
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
         state = _resume(ckpt, arch, schedule, model, opt, sched)
+        state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
         log.info("resuming %s at step %d", out, state["step"])
 
     augment = SpecAugment(**schedule.specaugment.model_dump())
@@ -294,6 +295,7 @@ def _final_metrics(arch, schedule, state, stopped_early, device, tokenizer) -> d
         "train_seconds": round(state["train_seconds"], 1),
         "audio_seconds_per_second": round(state["audio_seconds"] / max(state["train_seconds"], 1e-9), 1),
         "nonfinite_batches": state["nonfinite"],
+        "resumed_at_steps": state.get("resumed_at", []),  # a run killed and continued from its checkpoint
         "device": str(device),
         "threads": torch.get_num_threads(),
         "tokenizer": {"type": schedule.tokenizer, "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256},

@@ -34,23 +34,35 @@ class Corpus:
         return self.train.parent / "features"
 
 
-def resolve_data(spec: str, progress: bool = True) -> Corpus:
+def check_spec(spec: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a corpus name, refused at once if malformed or naming no folder."""
     kind, _, arg = spec.partition(":")
+    if kind == "synth":
+        try:
+            if arg and float(arg) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UserError("--data", "synth", f"{arg!r} is not a positive number of hours") from None
+        return kind, arg
+    if kind in ("manifest", "librispeech") and arg:
+        if not Path(arg).is_dir():
+            raise UserError(arg, "", "corpus directory not found")
+        return kind, arg
+    raise UserError("--data", "", f"{spec!r}: expected synth, synth:HOURS, librispeech:PATH or manifest:DIR")
+
+
+def resolve_data(spec: str, progress: bool = True) -> Corpus:
+    kind, arg = check_spec(spec)
     if kind == "synth":
         from nas.data import synth
 
-        try:
-            hours = float(arg) if arg else 3.0
-        except ValueError:
-            raise UserError("--data", "synth", f"{arg!r} is not a number of hours") from None
+        hours = float(arg) if arg else 3.0
         out = synth.default_dir(hours, 0)
         synth.build(out, hours=hours, progress=progress)
         return _from_dir(spec, out)
-    if kind == "manifest" and arg:
+    if kind == "manifest":
         return _from_dir(spec, Path(arg))
-    if kind == "librispeech" and arg:
-        return _librispeech(spec, Path(arg))
-    raise UserError("--data", "", f"{spec!r}: expected synth, synth:HOURS, librispeech:PATH or manifest:DIR")
+    return _librispeech(spec, Path(arg))
 
 
 def _from_dir(spec: str, d: Path) -> Corpus:

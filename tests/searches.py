@@ -1,0 +1,101 @@
+"""Running `nas search` as a user does, for the end-to-end and fault tests: a subprocess on the
+tiny space, and reading back the study it leaves."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+
+from nas.study import is_infeasible
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_HEARTBEAT = {"NAS_HEARTBEAT_S": "2", "NAS_GRACE_S": "8"}
+
+
+def nas_search(tmp_path, corpus, *extra, study="t", trials=4) -> list[str]:
+    """The command line; options in ``extra`` come last, so they override these."""
+    return [sys.executable, "-m", "nas.cli", "search", str(ROOT / "search_spaces/tiny.yaml"), "--trials", str(trials),
+            "--workers", "2", "--proxy", "tiny", "--data", f"manifest:{corpus}", "--results", str(tmp_path),
+            "--study", study, *extra]
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=os.environ | FAST_HEARTBEAT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def load(tmp_path, study="t", storage=None) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=storage or f"sqlite:///{tmp_path / study / 'study.db'}")
+
+
+def trial_lines(stdout: str) -> list[int]:
+    """Numbers of the trials a driver printed as finished."""
+    return [int(line.split()[1].rstrip(":")) for line in stdout.splitlines() if line.startswith("trial ")]
+
+
+def assert_nothing_over_budget_was_trained(study) -> None:
+    trained = [t for t in study.get_trials() if "run_dir" in t.user_attrs]
+    assert trained
+    for t in trained:
+        assert t.system_attrs["constraints:budget"] <= 0 and not is_infeasible(t)
+    for t in study.get_trials():
+        if is_infeasible(t):
+            assert "run_dir" not in t.user_attrs and t.values is None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@contextmanager
+def ray_head(env: dict):
+    """A one-node Ray cluster that drivers join by address, as `ray start --head` makes one on a
+    cluster. Yields its address. It is stopped by killing its own processes only: `ray stop` would
+    stop every Ray on the machine, a benchmark's included."""
+    temp = tempfile.mkdtemp(prefix="nas-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
+    port = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    f"--temp-dir={temp}"], check=True, capture_output=True, timeout=120, env=env)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        ours = [int(p.name) for p in Path("/proc").glob("[0-9]*") if temp in cmdline(int(p.name))]
+        for pid in ours + [d for p in ours for d in descendants(p)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
