@@ -78,7 +78,8 @@ def proxy_trial(config: dict) -> None:
     try:
         metrics = train(ArchConfig.from_json(config["arch"]), load_schedule(config["schedule"]), corpus,
                         config["run_dir"], threads=config["threads"], progress=False, evaluate_test=False,
-                        max_memory_mb=config["max_memory_mb"], callback=lambda step, point: tune.report({"wer": point["dev_wer"], "step": step}))
+                        max_memory_mb=config["max_memory_mb"],
+                        callback=lambda step, point: tune.report({"wer": point["dev_wer"], "step": step}))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a FAIL with its reason
         reason = exc.line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         tune.report({"wer": float("nan"), "error": reason[:500]})

@@ -131,7 +131,8 @@ def test_a_failing_trial_is_fail_with_its_reason_and_the_search_goes_on(fault, t
         extra = ["--no-baselines", "--enqueue", str(tmp_path / "design.json")]
         reason = r"checkpoint\.pt: cannot read this checkpoint \(\w+\); delete it to start the run over"
     else:
-        extra, reason = ["--max-trial-memory", "1MB"], r"memory: the process holds [\d,]+ MB at step 0, over its guard of 1 MB"
+        extra = ["--max-trial-memory", "1MB"]
+        reason = r"memory: the process holds [\d,]+ MB at step 0, over its guard of 1 MB"
     r = run(nas_search(tmp_path, tiny_corpus_dir, *extra, trials=2))
     assert r.returncode == 0, r.stderr[-3000:]
     study = load(tmp_path)
