@@ -53,8 +53,8 @@ def test_a_worker_killed_mid_trial_is_retried_and_corrupt_audio_is_skipped_and_r
         if split == "train":
             rows.insert(3, Utterance("broken", corrupt_flac(tmp_path / "broken.flac"), "a broken recording"))
         write_manifest(corpus / f"{split}.jsonl", rows)
-    slow = schedule_file(tmp_path, "slow", steps=150, eval_every=10)  # checkpoints every 10 steps
-    cmd = nas_search(tmp_path, corpus, "--workers", "1", "--proxy", str(slow), trials=3)
+    slow = schedule_file(tmp_path, "slow", steps=100, eval_every=10)  # checkpoints every 10 steps
+    cmd = nas_search(tmp_path, corpus, "--workers", "1", "--proxy", str(slow), trials=2)
     trials_dir = tmp_path / "t" / "trials"
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         driver = subprocess.Popen(cmd, env=os.environ | FAST_HEARTBEAT, stdout=out, stderr=err)
@@ -74,12 +74,12 @@ def test_a_worker_killed_mid_trial_is_retried_and_corrupt_audio_is_skipped_and_r
     assert driver.returncode == 0, stderr[-3000:]
 
     study = load(tmp_path)
-    assert progress(study)["done"] == 3 and progress(study)["failed"] == 0
+    assert progress(study)["done"] == 2 and progress(study)["failed"] == 0
     assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
     killed = next(t for t in study.get_trials() if Path(t.user_attrs.get("run_dir", "/")).resolve() == victim)
     assert killed.state == TrialState.COMPLETE  # Ray Tune ran it again (FailureConfig(max_failures=1))...
     metrics = json.loads((victim / "metrics.json").read_text())
-    assert metrics["resumed_at_steps"] and metrics["steps"] == 150  # ...and it went on from its checkpoint
+    assert metrics["resumed_at_steps"] and metrics["steps"] == 100  # ...and it went on from its checkpoint
     assert sorted(trial_lines(stdout)) == sorted(t.number for t in study.get_trials() if "run_dir" in t.user_attrs)
     # The corrupt recording was skipped and counted, and the run's summary (its last line) says so.
     assert re.search(r"corpus manifest:\S+: train \d+ utterances, 1 skipped \(1 bad audio\); dev \d+ utterances; "
