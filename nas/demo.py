@@ -29,7 +29,7 @@ class Scale:
 
 
 SCALES = {
-    # 45 minutes on 2 cores: 24 proxy trials, then 3 front designs and 2 baselines retrained.
+    # Within 45 minutes on 2 cores (27 measured): 24 proxy trials, then 3 front designs and 2 baselines retrained.
     "demo": Scale("paper.yaml", "1M", 24, "proxy", "demo", 3, "synth"),
     # a couple of minutes: the same pipeline on the tiny space, for CI.
     "ci": Scale("tiny.yaml", "60K", 4, "tiny", "tiny", 2, "synth:0.05"),
