@@ -229,7 +229,7 @@ def _check_paths(space: Space) -> None:
         values = [knob.spec] if knob.fixed else knob.spec.get("choice", [])
         for value in values:
             try:
-                TypeAdapter(annotation).validate_python(value, strict=True)
+                TypeAdapter(annotation).validate_python(value)  # as ArchConfig itself validates it
             except ValidationError:
                 where = f"knobs.{knob.name}" + ("" if knob.fixed else ".choice")
                 raise UserError(space.source, where, f"{value!r} is not a valid value for this field "

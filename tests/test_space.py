@@ -77,3 +77,10 @@ def test_fixed_values_are_validated_when_realized():
     space = parse_space({"knobs": {"encoder.n_heads": 5}}, "s.yaml")
     with pytest.raises(UserError, match="error: s.yaml: encoder: n_heads=5 does not divide d_model=144"):
         space.from_values({})
+
+
+def test_values_are_checked_against_the_field_as_archconfig_reads_them():
+    space = parse_space({"knobs": {"encoder.n_layers": 4, "sharing.blocks": [0, 1, 0, 1]}}, "s.yaml")
+    assert space.from_values({}).sharing.blocks == (0, 1, 0, 1)  # a list where the field holds a tuple
+    with pytest.raises(UserError, match=r"knobs\.sharing\.ties\.attn_qk\.choice: 3 is not a valid value .*\(bool\)"):
+        parse_space({"knobs": {"sharing.ties.attn_qk": {"choice": [True, 3]}}}, "s.yaml")
