@@ -85,7 +85,8 @@ SPACES = {
 
 
 @pytest.mark.parametrize("case", SPACES)
-def test_bad_search_spaces(case, tmp_path, capsys):
+def test_bad_search_spaces(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where results/ would go
     change, expected = SPACES[case]
     path = write(tmp_path / "space.yaml", change) if isinstance(change, str) else space_file(tmp_path, **change)
     assert refused(capsys, search(path)).startswith(f"error: {tmp_path / expected}")
