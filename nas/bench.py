@@ -185,21 +185,19 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     }
 
 
-BENCHMARKS: dict[str, Callable[[], dict]] = {"budget": bench_budget, "train": bench_train, "search": bench_search}
+BENCHMARKS: dict[str, Callable[..., dict]] = {"budget": bench_budget, "train": bench_train, "search": bench_search}
 
 
 def run(which: str, out_dir: Path, search: dict | None = None) -> dict:
     """Run one benchmark or all; ``search`` overrides :func:`bench_search`'s arguments."""
     names = list(BENCHMARKS) if which == "all" else [which]
+    overrides = {"search": {"results": out_dir / "bench-search"} | (search or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     for name in names:
         print(f"== bench {name}", flush=True)
-        if name == "search":
-            figures = bench_search(**({"results": out_dir / "bench-search"} | (search or {})))
-        else:
-            figures = BENCHMARKS[name]()
+        figures = BENCHMARKS[name](**overrides.get(name, {}))
         for key, value in figures.items():
             print(f"  {key}: {value}")
         results[name] = figures | {"measured": time.strftime("%Y-%m-%d %H:%M")}

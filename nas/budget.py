@@ -143,6 +143,14 @@ class Budget:
         return self.violation(c) <= 0
 
 
+def parse_bytes(text: str) -> int | None:
+    """``4MB`` / ``2MiB`` / ``800 B`` in bytes (MB = 10**6, MiB = 2**20), or None if it is no size."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?i?B)", str(text).strip(), flags=re.IGNORECASE)
+    if not m or m[2].upper() not in _BYTE_UNITS:
+        return None
+    return round(float(m[1]) * _BYTE_UNITS[m[2].upper()])
+
+
 def parse_budget(text: str, source: str = "--budget", field: str = "") -> Budget:
     """``1M`` / ``850K`` / ``1000000`` parameters (fp32 bytes), or ``4MB@int8`` / ``2MiB@bf16`` bytes."""
     s = str(text).strip()
@@ -152,12 +160,12 @@ def parse_budget(text: str, source: str = "--budget", field: str = "") -> Budget
         if params <= 0:
             raise UserError(source, field, f"budget {s!r} must be positive")
         return Budget(params * DTYPE_BYTES["fp32"], "fp32", s)
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?i?B)\s*@\s*(\w+)", s, flags=re.IGNORECASE)
-    if m and m[2].upper() in _BYTE_UNITS and m[3].lower() in DTYPE_BYTES:
-        nbytes = round(float(m[1]) * _BYTE_UNITS[m[2].upper()])
+    size, at, dtype = s.partition("@")
+    nbytes = parse_bytes(size) if at else None
+    if nbytes is not None and dtype.strip().lower() in DTYPE_BYTES:
         if nbytes <= 0:
             raise UserError(source, field, f"budget {s!r} must be positive")
-        return Budget(nbytes, m[3].lower(), s)
+        return Budget(nbytes, dtype.strip().lower(), s)
     raise UserError(
         source, field,
         f"budget {s!r} is neither a parameter count (1M, 850K) nor bytes@dtype (4MB@int8; units B KB MB GB KiB MiB GiB; dtypes {', '.join(DTYPE_BYTES)})",

@@ -222,12 +222,12 @@ def _retrain(args) -> int:
 
 
 def _megabytes(text: str) -> float:
-    import re
+    from nas.budget import parse_bytes
 
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(MB|GB)\s*", text, re.IGNORECASE)
-    if not m or float(m[1]) <= 0:
+    nbytes = parse_bytes(text)
+    if not nbytes:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 800MB or 6GB")
-    return float(m[1]) * (1024 if m[2].upper() == "GB" else 1)
+    return nbytes / 1e6
 
 
 def _positive(text: str) -> int:

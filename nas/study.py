@@ -50,7 +50,7 @@ def storage_url(study: str, storage: str | None, results: Path) -> str:
 
 def open_storage(url: str, attempts: int = 5) -> RDBStorage:
     """Optuna's RDB storage with heartbeats; an unreachable database is one clear error."""
-    for attempt in range(attempts):
+    for attempt in range(1, attempts + 1):
         try:
             return RDBStorage(
                 url,
@@ -60,12 +60,10 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {},
             )
         except Exception as exc:  # sqlalchemy raises many types for bad URLs and dead servers
-            if _lost_schema_race(exc) and attempt < attempts - 1:
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            reason = str(exc).strip().splitlines()[0][:200]
-            raise UserError("--storage", "", f"cannot open {_redact(url)}: {reason}") from None
-    raise AssertionError("unreachable")
+            if not _lost_schema_race(exc) or attempt == attempts:
+                reason = str(exc).strip().splitlines()[0][:200]
+                raise UserError("--storage", "", f"cannot open {_redact(url)}: {reason}") from None
+            time.sleep(0.5 * attempt)
 
 
 def _lost_schema_race(exc: Exception) -> bool:

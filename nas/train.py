@@ -94,13 +94,14 @@ class OverMemory(UserError):
 
 
 def rss_mb() -> float:
-    """This process's resident memory in MB: Linux's /proc, else the peak that getrusage keeps."""
+    """This process's resident memory in MB (10**6 bytes, as budgets count): Linux's /proc, else
+    the peak that getrusage keeps."""
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
     except (OSError, ValueError, IndexError):
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def train(
