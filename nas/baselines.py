@@ -6,45 +6,56 @@
   blocks run three times in a ``cycle``, low-rank feed-forward (rank ``d/4``, shared ``U``) and
   per-layer norms and biases; the largest of that shape that fits.
 
-Both take the front end and vocabulary the space fixes, so they compete on equal terms.
+Both take the vocabulary and mel bins the space fixes, so they compete on equal terms. Where the
+space lets the front end vary (its channels, its subsampling), each baseline takes the option that
+leaves the largest design within the budget (ties go to the wider front end): the strongest
+setting that fits, never a fixed one the search could beat by choosing another.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from nas.budget import Budget, count
 from nas.config import ArchConfig
-from nas.errors import UserError
+from nas.files import read_json
 from nas.space import Space
 
 WIDTHS = range(16, 385, 16)
 
 
-def _common(space: Space) -> dict:
-    fixed = {k.name: k.spec for k in space.knobs if k.fixed}
-    return {"frontend": {"n_mels": fixed.get("frontend.n_mels", 80), "channels": fixed.get("frontend.channels", 32)},
-            "vocab_size": fixed.get("vocab_size", 64)}
+def _options(space: Space, field: str) -> list:
+    """The values ``field`` can take in ``space``: its fixed value, its choices, or the default."""
+    knob = next((k for k in space.knobs if k.name == field), None)
+    if knob is None:
+        section, name = field.split(".") if "." in field else (None, field)
+        model = getattr(ArchConfig(), section) if section else ArchConfig()
+        return [getattr(model, name)]
+    return [knob.spec] if knob.fixed else list(getattr(knob.spec, "choice", None) or [])
+
+
+def _commons(space: Space) -> list[dict]:
+    """The fixed parts of a baseline, once per front end the space allows."""
+    n_mels, vocab = _options(space, "frontend.n_mels")[0], _options(space, "vocab_size")[0]
+    return [{"frontend": {"n_mels": n_mels, "channels": c, "subsampling": s}, "vocab_size": vocab}
+            for c in _options(space, "frontend.channels") for s in _options(space, "frontend.subsampling")]
 
 
 def _largest(designs: list[dict], budget: Budget) -> ArchConfig | None:
     counted = [(count(a), a) for a in map(ArchConfig.from_dict, designs)]
-    fitting = [(c.physical, a) for c, a in counted if budget.fits(c)]
+    fitting = [((c.physical, a.frontend.channels), a) for c, a in counted if budget.fits(c)]
     return max(fitting, key=lambda pa: pa[0])[1] if fitting else None
 
 
 def unshared(space: Space, budget: Budget) -> ArchConfig | None:
-    base = _common(space)
     return _largest([base | {"encoder": {"d_model": d, "n_heads": 4, "ffn_dim": 4 * d, "conv_kernel": 15,
                                          "n_layers": layers}}
-                     for d in WIDTHS for layers in range(4, 25)], budget)
+                     for base in _commons(space) for d in WIDTHS for layers in range(4, 25)], budget)
 
 
 def paper_style(space: Space, budget: Budget, repeats: int = 3) -> ArchConfig | None:
-    base = _common(space)
     designs = []
-    for d in WIDTHS:
+    for base, d in ((base, d) for base in _commons(space) for d in WIDTHS):
         low_rank = {"rank": d // 4, "share": "U"}
         for blocks in range(2, 9):
             designs.append(base | {
@@ -64,15 +75,11 @@ def baselines(space: Space, budget: Budget) -> list[tuple[str, ArchConfig]]:
 def load_enqueue_files(paths: list[Path]) -> list[tuple[str, ArchConfig]]:
     """Designs from ``--enqueue`` files: one ArchConfig per file, or a JSON list of them."""
     out = []
-    for path in paths:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(str(path), "", "file not found") from None
-        except json.JSONDecodeError as exc:
-            raise UserError(str(path), "", f"not valid JSON ({exc.msg})") from None
-        docs = doc if isinstance(doc, list) else [doc]
-        for i, d in enumerate(docs):
-            label = f"{Path(path).stem}[{i}]" if isinstance(doc, list) else Path(path).stem
-            out.append((label, ArchConfig.from_dict(d, source=f"{path}" + (f"[{i}]" if isinstance(doc, list) else ""))))
+    for path in map(Path, paths):
+        doc = read_json(path)
+        if not isinstance(doc, list):
+            out.append((path.stem, ArchConfig.from_dict(doc, source=str(path))))
+            continue
+        for i, d in enumerate(doc):
+            out.append((f"{path.stem}[{i}]", ArchConfig.from_dict(d, source=str(path), field=f"[{i}]")))
     return out

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 from math import prod
 
-from nas.config import ArchConfig
+from nas.config import CONV_STACKS, ArchConfig
 from nas.errors import UserError
-from nas.plan import Plan, build_plan, subsampled_frames, subsampled_mels
+from nas.plan import Plan, build_plan, conv_out
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
 FRAME_RATE = 100  # log-mel frames per second of audio (10 ms hop)
@@ -81,10 +81,14 @@ def macs_per_second(arch: ArchConfig, plan: Plan | None = None, seconds: float =
     plan = plan or build_plan(arch)
     fe, enc = arch.frontend, arch.encoder
     frames = int(seconds * FRAME_RATE)
-    t1, f1 = (frames - 1) // 2, (fe.n_mels - 1) // 2
-    t2, f2 = subsampled_frames(frames), subsampled_mels(fe.n_mels)
     c, d = fe.channels, enc.d_model
-    total = t1 * f1 * c * 9 + t2 * f2 * c * c * 9 + t2 * c * f2 * d
+    t, f, c_in, total = frames, fe.n_mels, 1, 0
+    for k, s in CONV_STACKS[fe.subsampling]:  # each output cell: c_in * k * k MACs per channel
+        t, f = conv_out(t, k, s), conv_out(f, k, s)
+        total += t * f * c * c_in * k * k
+        c_in = c
+    t2 = t
+    total += t2 * c * f * d  # the projection to d_model
     # MACs of one virtual layer per frame: each matrix slot (W, or U and V) and the depthwise
     # kernel once. A key projection tied to the query projection reuses the query's product.
     qk_tied = arch.sharing.ties.attn_qk

@@ -1,6 +1,10 @@
 """The ``nas`` command. Each subcommand is a thin shell over one module.
 
 Bad input of any kind ends as one line, ``error: <file>: <field>: <why>``, and exit code 2.
+
+The terminal shows the stages, their progress bars, a line per trial and the results; warnings
+go there too. Everything libraries log (exporters, Ray, Optuna, feature caches) and every Python
+warning goes to ``nas.log`` in the study's (or the run's) directory instead.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    _console_logging()
     try:
         args = parser.parse_args(argv)
         if not hasattr(args, "run"):
@@ -36,6 +40,48 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _LogFile(logging.FileHandler):
+    """``DIR/nas.log``, created at the first record: a command refused before it logs anything
+    leaves no file (and no directory) behind."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        super().__init__(self.directory / "nas.log", delay=True)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        super().emit(record)
+
+
+def _console_logging() -> None:
+    """Warnings from `nas` on the terminal; library chatter only in the log file (:func:`_log_file`)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "nas", False)]:  # main() called again in-process
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    console.addFilter(lambda record: record.name == "nas" or record.name.startswith("nas."))
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    console.nas = True
+    root.addHandler(console)
+    logging.captureWarnings(True)  # Python warnings (deprecations, experimental APIs) become log records
+    import optuna  # Optuna logs to stderr through a handler of its own: send its records to ours instead
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
+def _log_file(directory: Path) -> None:
+    """Also log everything (INFO and up, any library) to ``directory/nas.log``."""
+    handler = _LogFile(directory)
+    handler.nas = True
+    logging.getLogger().addHandler(handler)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nas", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(parser_class=_Parser)
@@ -47,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_count)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search", "learn"])
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
     b.add_argument("--trials", type=int, default=12, help="search: trials per study (default 12)")
     b.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler (default 3)")
@@ -169,10 +215,12 @@ def _train(args) -> int:
     from nas.config import ArchConfig
     from nas.data.corpus import resolve_data
     from nas.data.features import skipped_text
-    from nas.train import load_schedule, train
+    from nas.schedule import load_schedule
+    from nas.train import train
 
     arch = ArchConfig.load(args.arch)
     schedule = load_schedule(args.schedule)
+    _log_file(args.out)
     metrics = train(arch, schedule, resolve_data(args.data), args.out, threads=args.threads)
     for split, skipped in metrics["skipped"].items():
         if skipped:
@@ -188,7 +236,7 @@ def _search(args) -> int:
     from nas.budget import parse_budget
     from nas.search import SearchSettings, run_search
     from nas.space import load_space
-    from nas.train import load_schedule
+    from nas.schedule import load_schedule
 
     space = load_space(args.space)
     budget = parse_budget(args.budget) if args.budget else space.budget
@@ -198,6 +246,7 @@ def _search(args) -> int:
     if objectives not in (("wer", "bytes"), ("wer", "bytes", "macs")):
         raise UserError("--objectives", "", f"{args.objectives!r}: expected wer,bytes or wer,bytes,macs")
     load_schedule(args.proxy)  # a bad schedule is refused before anything starts
+    _log_file(args.results / (args.study or space.name))
     run_search(SearchSettings(
         space=space, budget=budget, trials=args.trials, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
         sampler=args.sampler, seed=args.seed, study=args.study or space.name, storage=args.storage,
@@ -213,9 +262,11 @@ def _study_options(p: argparse.ArgumentParser) -> None:
 
 
 def _retrain(args) -> int:
-    from nas.retrain import open_existing_study, retrain
+    from nas.retrain import retrain
+    from nas.study import open_existing_study
 
     study = open_existing_study(args.study, args.storage, args.results)
+    _log_file(args.results / args.study)
     retrain(study, args.results / args.study, args.top, args.schedule, args.workers, args.cpus_per_trial,
             args.address)
     return 0
@@ -252,6 +303,7 @@ def _bench(args) -> int:
 def _demo(args) -> int:
     from nas import demo
 
+    _log_file(args.results / (args.study or args.scale))
     demo.run(args.scale, args.results, args.study or args.scale)
     return 0
 
@@ -259,9 +311,11 @@ def _demo(args) -> int:
 def _report(args) -> int:
     from nas.budget import parse_budget
     from nas.report import write_report
-    from nas.retrain import load_retrained, open_existing_study
+    from nas.retrain import load_retrained
+    from nas.study import open_existing_study
 
     study = open_existing_study(args.study, args.storage, args.results)
+    _log_file(args.results / args.study)
     budget = parse_budget(study.user_attrs["settings"]["budget"])
     out = args.results / args.study
     path = write_report(study, out, budget.max_bytes, budget.dtype, retrained=load_retrained(out))
@@ -271,10 +325,11 @@ def _report(args) -> int:
 
 def _export(args) -> int:
     from nas.budget import parse_budget
-    from nas.export import write_export
-    from nas.retrain import choose_for_export, open_existing_study
+    from nas.export import choose_for_export, write_export
+    from nas.study import open_existing_study
 
     study = open_existing_study(args.study, args.storage, args.results)
+    _log_file(args.results / args.study)
     best_under = parse_budget(args.best_under, "--best-under") if args.best_under else None
     arch, run_dir, provenance = choose_for_export(study, args.results / args.study, args.design, best_under)
     write_export(args.out, arch, run_dir, provenance, force=args.force)

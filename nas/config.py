@@ -20,13 +20,13 @@ The config is frozen, validated (every error names its field) and round-trips th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nas.errors import UserError
+from nas.files import atomic_write, read_json
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +37,9 @@ FAMILIES: tuple[str, ...] = ("ffn_in", "ffn_out", "attn_qkv", "attn_out", "conv_
 KINDS: tuple[str, ...] = ("ffn", "attn", "conv")
 FAMILY_KIND = {"ffn_in": "ffn", "ffn_out": "ffn", "attn_qkv": "attn", "attn_out": "attn", "conv_pw": "conv"}
 PosInt = Annotated[int, Field(gt=0)]
+# The front end's convolutions by subsampling factor: (kernel, stride) of each, in time and
+# frequency alike, without padding.
+CONV_STACKS = {4: ((3, 2), (3, 2)), 6: ((3, 2), (5, 3)), 8: ((3, 2), (3, 2), (3, 2))}
 
 
 class _Frozen(BaseModel):
@@ -78,10 +81,15 @@ def resolve_map(m: SharingMap | None, length: int) -> tuple[int, ...]:
 
 
 class FrontEnd(_Frozen):
-    """Log-mel input and the 4x convolutional subsampling (two stride-2 3x3 Conv2d + ReLU)."""
+    """Log-mel input and the convolutional subsampling in time and frequency: 4x is two 3x3
+    stride-2 Conv2d (torchaudio's and ESPnet's), 6x a 3x3 stride-2 then a 5x5 stride-3 one, 8x
+    three 3x3 stride-2 ones; each with ReLU, then a linear projection to ``d_model``. 6x and 8x
+    leave 16.7 and 12.5 frames per second: too few for characters, so they go with subword units
+    (a larger ``vocab_size`` and a ``unigram`` or ``bpe`` tokenizer)."""
 
     n_mels: PosInt = 80
     channels: PosInt = 64
+    subsampling: Literal[4, 6, 8] = 4
 
 
 class Encoder(_Frozen):
@@ -155,8 +163,11 @@ class ArchConfig(_Frozen):
     @model_validator(mode="after")
     def _check_sharing(self) -> ArchConfig:
         enc, sh = self.encoder, self.sharing
-        if self.frontend.n_mels < 7:
-            raise ValueError("frontend.n_mels must be at least 7 for two stride-2 3x3 convolutions")
+        fe = self.frontend
+        least = next(n for n in range(1, 100) if _conv_stack_out(n, fe.subsampling) >= 1)
+        if fe.n_mels < least:
+            raise ValueError(f"frontend.n_mels must be at least {least} for the {fe.subsampling}x front end's "
+                             "convolutions")
         try:
             blocks = resolve_map(sh.blocks, enc.n_layers)
         except ValueError as exc:
@@ -218,40 +229,51 @@ class ArchConfig(_Frozen):
     @classmethod
     def load(cls, path: str | Path) -> ArchConfig:
         """Load ``arch.json`` (a bare config, or an export's ``{"arch": ..., "provenance": ...}``)."""
-        path = Path(path)
-        try:
-            obj = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(str(path), "", "file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(str(path), "", f"not valid JSON ({exc})") from None
+        obj = read_json(path)
         if isinstance(obj, dict) and "arch" in obj and "provenance" in obj:
             obj = obj["arch"]
         return cls.from_dict(obj, source=str(path))
 
     @classmethod
-    def from_dict(cls, obj: object, source: str = "<dict>") -> ArchConfig:
+    def from_dict(cls, obj: object, source: str = "<dict>", field: str = "") -> ArchConfig:
+        """Validate ``obj``; an error names ``source`` and the field, under ``field`` if given."""
         try:
             return cls.model_validate(obj)
         except ValidationError as exc:
-            raise user_error(source, exc) from None
+            raise user_error(source, exc, prefix=field) from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        atomic_write(path, self.to_json() + "\n")
+
+
+def _conv_stack_out(n: int, factor: int) -> int:
+    for k, s in CONV_STACKS[factor]:
+        n = (n - k) // s + 1
+    return n
 
 
 def user_error(source: str, exc: ValidationError, prefix: str = "") -> UserError:
-    """The first pydantic error as one line: file, dotted field, reason."""
-    err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
-    msg = err["msg"].removeprefix("Value error, ")
+    """One pydantic error as one line: file, dotted field, reason.
+
+    An unknown key is reported before any other error: a misspelt key is the likely cause of the
+    missing one beside it.
+    """
+    err = min(exc.errors(), key=lambda e: e["type"] not in ("extra_forbidden", "invalid_key"))  # the first such
+    loc = [p for p in err["loc"] if not _is_union_tag(p)]
+    msg = " ".join(err["msg"].removeprefix("Value error, ").splitlines())
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    field = ".".join(([prefix] if prefix else []) + loc)
+    field = dotted(*([prefix] if prefix else []), *loc)
     if ": " in msg and msg.split(": ", 1)[0].startswith(("sharing.", "frontend.")):
         field, msg = msg.split(": ", 1)  # model-level checks name their own field
         field = ".".join(([prefix] if prefix else []) + [field])
     return UserError(source, field, msg)
+
+
+def dotted(*parts: object) -> str:
+    """A field's dotted path (``encoder.d_model``) for an error line; a part that is not
+    printable text (a key holding a newline, say) shows as its repr, so the line stays one line."""
+    return ".".join(p if p.isprintable() else repr(p) for p in map(str, parts))
 
 
 def _is_union_tag(part: object) -> bool:

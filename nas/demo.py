@@ -39,9 +39,9 @@ SCALES = {
 def run(scale: str = "demo", results: Path = Path("results"), study: str = "demo", workers: int = 2,
         data: str | None = None) -> dict:
     """Run the whole pipeline; returns the exported design's provenance."""
-    from nas.export import write_export
+    from nas.export import choose_for_export, write_export
     from nas.report import write_report
-    from nas.retrain import choose_for_export, retrain
+    from nas.retrain import retrain
     from nas.search import SearchSettings, run_search
 
     s = SCALES[scale]

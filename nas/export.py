@@ -9,29 +9,22 @@
     README.md          the model card
 
 with ``T' = ((T - 1) // 2 - 1) // 2`` (the 4x subsampling). ``load_export`` and ``transcribe`` read
-it back; ``check_onnx`` compares onnxruntime with PyTorch on a real audio file.
+it back; ``check_onnx`` compares onnxruntime with PyTorch on a real audio file. The ONNX export
+itself is :mod:`nas.onnx_export`; the model card is the template ``templates/model_card.md.j2``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import logging
-import warnings
-from contextlib import contextmanager
 from dataclasses import asdict
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
+import jinja2
 import numpy as np
-import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 import torch
-from onnx_ir.passes.common import (
-    ClearMetadataAndDocStringPass, CommonSubexpressionEliminationPass, RemoveUnusedNodesPass,
-)
-from onnxscript.optimizer import fold_constants
 from safetensors import SafetensorError
 
 from nas.budget import DTYPE_BYTES, count
@@ -39,16 +32,18 @@ from nas.config import SCHEMA_VERSION, ArchConfig
 from nas.data.audio import AudioError, load_audio
 from nas.data.features import FeatureConfig, log_mel
 from nas.data.tokenizer import Tokenizer
+from nas.decode import greedy_decode
 from nas.describe import layer_map, sharing_in_words
 from nas.errors import UserError
+from nas.files import atomic_write
 from nas.model import ConformerCTC
+from nas.onnx_export import OUTPUTS, onnx_model
+from nas.pareto import front
 from nas.plan import subsampled_frames
-from nas.train import greedy_decode
-
-log = logging.getLogger(__name__)
+from nas.retrain import load_retrained, pick_best_under
+from nas.trials import records
 
 RUN_FILES = ("model.safetensors", "tokenizer.model", "metrics.json")
-INPUTS, OUTPUTS = ("feats", "lengths"), ("log_probs", "out_lengths")
 
 
 def write_export(out_dir: Path, arch: ArchConfig, run_dir: Path, provenance: dict, force: bool = False) -> Path:
@@ -92,12 +87,43 @@ def write_export(out_dir: Path, arch: ArchConfig, run_dir: Path, provenance: dic
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"arch": json.loads(arch.to_json()), "provenance": prov}
-    _write(out_dir / "arch.json", (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write(out_dir / "arch.json", (json.dumps(doc, indent=2) + "\n").encode())
     model.save(out_dir / "model.safetensors")
-    _write(out_dir / "tokenizer.model", (run_dir / "tokenizer.model").read_bytes())
-    _write(out_dir / "model.onnx", onnx_bytes)
-    _write(out_dir / "README.md", model_card(out_dir.name, arch, prov, len(onnx_bytes)).encode())
+    atomic_write(out_dir / "tokenizer.model", (run_dir / "tokenizer.model").read_bytes())
+    atomic_write(out_dir / "model.onnx", onnx_bytes)
+    atomic_write(out_dir / "README.md", model_card(out_dir.name, arch, prov, len(onnx_bytes)).encode())
     return out_dir
+
+
+def choose_for_export(study: optuna.Study, out: Path, design: int | None, best_under=None) -> tuple:
+    """The design to export, the run directory holding its weights, and its provenance.
+
+    ``design``: a trial on the front or retrained; its full-schedule weights when it was
+    retrained, else its proxy weights. ``best_under``: the retrained design with the lowest full dev
+    WER that fits that budget.
+    """
+    rows = load_retrained(out) or []
+    settings = study.user_attrs.get("settings", {})
+    by_number = {r.number: r for r in records(study)}
+    on_front = sorted(r.number for r in front(study))
+    if best_under is not None:
+        row = pick_best_under(rows, best_under)
+        rec = by_number[row["number"]]
+    else:
+        retrained_rows = {r["number"]: r for r in rows}
+        if design not in set(on_front) | set(retrained_rows):
+            raise UserError("--design", "", f"trial {design} is neither on the front nor retrained (front: {on_front})")
+        rec, row = by_number[design], retrained_rows.get(design)
+    retrained = row is not None and row["full_dev_wer"] is not None
+    provenance = {
+        "study": study.study_name, "trial": rec.number, "label": rec.label,
+        "proxy_wer": next(iter(rec.values.values())) if rec.values else None,
+        "full_dev_wer": row["full_dev_wer"] if retrained else None,
+        "full_test_wer": row["full_test_wer"] if retrained else None,
+        "weights": f"{row['schedule']} schedule" if retrained else f"{settings.get('proxy')} schedule (not retrained)",
+        "budget": settings.get("budget"), "data": settings.get("data"),
+    }
+    return rec.arch, Path(row["run_dir"]) if retrained else rec.run_dir, provenance
 
 
 def load_export(dir: Path) -> tuple[ArchConfig, ConformerCTC, Tokenizer]:
@@ -143,127 +169,19 @@ def features_of(audio_path: Path, arch: ArchConfig) -> torch.Tensor:
         wav = load_audio(audio_path, cfg.sample_rate)
     except AudioError as exc:
         raise UserError(str(audio_path), "", str(exc).removeprefix(f"{audio_path}: ")) from None
-    if subsampled_frames(1 + len(wav) // cfg.hop_length) < 1:  # 7 frames give one after subsampling
+    factor = arch.frontend.subsampling
+    if subsampled_frames(1 + len(wav) // cfg.hop_length, factor) < 1:
+        least = next(n for n in range(1, 100) if subsampled_frames(n, factor) >= 1)  # log-mel frames
         raise UserError(str(audio_path), "", f"too short ({len(wav) * 1000 // cfg.sample_rate} ms; the model needs "
-                                             f"at least {6 * cfg.hop_length * 1000 // cfg.sample_rate} ms)")
+                                             f"at least {(least - 1) * cfg.hop_length * 1000 // cfg.sample_rate} ms)")
     return log_mel(wav, cfg)
-
-
-# ---- ONNX --------------------------------------------------------------------------------
-
-def onnx_model(model: ConformerCTC) -> bytes:
-    """``model`` (eval mode) as a serialized ONNX model with dynamic batch and time axes,
-    every stored tensor held once, named by its key in ``model.safetensors``."""
-    model.eval()
-    n_mels = model.arch.frontend.n_mels
-    feats = torch.randn(2, 200, n_mels, generator=torch.Generator().manual_seed(0))
-    lengths = torch.tensor([200, 150])  # unequal: the padding mask is traced too
-    with _quiet():
-        try:
-            graph = _export_dynamo(model, feats, lengths)
-        except Exception as exc:  # noqa: BLE001 — the exporter fails in many ways; the fallback is the remedy
-            log.warning("the dynamo ONNX exporter failed (%s); falling back to the TorchScript exporter",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            graph = _export_torchscript(model, feats, lengths)
-    _store_once(graph, model)
-    proto = ir.serde.serialize_model(graph)
-    del proto.graph.value_info[:]  # intermediate shapes: optional, onnxruntime infers them
-    return proto.SerializeToString()
-
-
-def _export_dynamo(model: ConformerCTC, feats: torch.Tensor, lengths: torch.Tensor) -> ir.Model:
-    # optimize=False: the exporter's optimizer folds the transpose of a shared weight into one
-    # copy per use, and fuses each layer's BatchNorm into a shared depthwise kernel (a scaled
-    # copy per layer). Unoptimized, each parameter is one initializer; onnxruntime does those
-    # optimizations in memory when it loads the file.
-    batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames", min=7)
-    program = torch.onnx.export(
-        model, (feats, lengths), dynamo=True, optimize=False, verbose=False,
-        input_names=list(INPUTS), output_names=list(OUTPUTS),
-        dynamic_shapes={"feats": {0: batch, 1: frames}, "lengths": {0: batch}},
-    )
-    return program.model
-
-
-def _export_torchscript(model: ConformerCTC, feats: torch.Tensor, lengths: torch.Tensor) -> ir.Model:
-    buf = io.BytesIO()
-    torch.onnx.export(
-        model, (feats, lengths), buf, dynamo=False, opset_version=18,
-        input_names=list(INPUTS), output_names=list(OUTPUTS),
-        dynamic_axes={"feats": {0: "batch", 1: "frames"}, "lengths": {0: "batch"},
-                      "log_probs": {0: "batch", 1: "frames_out"}, "out_lengths": {0: "batch"}},
-    )
-    return ir.serde.deserialize_model(onnx.load_from_string(buf.getvalue()))
-
-
-def _store_once(graph: ir.Model, model: ConformerCTC) -> None:
-    """Make each stored tensor one initializer, named by its ``model.safetensors`` key; tidy up.
-
-    An exporter may hold a shared weight more than once: one initializer per use, or per folded
-    copy (with torch 2.11, the dynamo exporter's optimizer made a transposed copy per use; the
-    unoptimized dynamo export and the TorchScript export hold each once). Initializers of equal
-    dtype, shape and content are merged (hashing their bytes), so that each shared tensor is
-    stored once whatever the exporter did. The
-    initializers are then renamed from the first module path that used them
-    (``layers.3.attn.q.weight``) to their storage key (``store.tensors.attn_q_W_0.value``).
-    """
-    _merge_equal_initializers(graph)
-    stored = model.stored_state().keys()
-    canonical: dict[int, str] = {}
-    aliases: dict[str, int] = {}
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        aliases[name] = id(t)
-        if name in stored:
-            canonical[id(t)] = name
-    for value in list(graph.graph.initializers.values()):
-        key = canonical.get(aliases.get(value.name, -1))
-        if key and key != value.name and key not in graph.graph.initializers:
-            value.name = key
-    # Fold the shape arithmetic, but never a node that reads a weight (that would store a copy
-    # of it), and compute repeated subexpressions once: about 40% fewer nodes. Node metadata
-    # (stack traces with local paths) was most of the file's bytes.
-    weights = set(graph.graph.initializers.values())
-    fold_constants(graph, should_fold=lambda node: False if any(v in weights for v in node.inputs) else None)
-    _merge_equal_initializers(graph)  # the constants folding made
-    CommonSubexpressionEliminationPass()(graph)
-    RemoveUnusedNodesPass()(graph)
-    ClearMetadataAndDocStringPass()(graph)
-    graph.graph.metadata_props.clear()
-
-
-def _merge_equal_initializers(graph: ir.Model) -> None:
-    """Initializers of equal dtype, shape and bytes become one; its users read that one."""
-    kept: dict[tuple, ir.Value] = {}
-    for value in list(graph.graph.initializers.values()):
-        array = value.const_value.numpy()
-        digest = hashlib.sha256(array.tobytes()).hexdigest()  # tobytes is C order, even for a view
-        key = (array.dtype.str, array.shape, digest)
-        if key in kept:
-            value.replace_all_uses_with(kept[key])
-            graph.graph.initializers.pop(value.name)
-        else:
-            kept[key] = value
-
-
-@contextmanager
-def _quiet():
-    """Silence the exporters' warnings (deprecations, 'torchvision is not installed')."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 # ---- the model card ----------------------------------------------------------------------
 
 def model_card(name: str, arch: ArchConfig, prov: dict, onnx_size: int) -> str:
-    """The export's README.md."""
-    b, run, feat = prov["bytes"], prov.get("run", {}), prov["features"]
+    """The export's README.md: ``templates/model_card.md.j2`` filled in from the design and ``prov``."""
+    b, run = prov["bytes"], prov.get("run", {})
     sizes = [("physical parameters (stored)", f"{prov['physical_params']:,}"),
              ("virtual parameters (every use)", f"{prov['virtual_params']:,}"),
              ("weights at fp32 / bf16 / int8", f"{b['fp32']:,} / {b['bf16']:,} / {b['int8']:,} B"),
@@ -275,67 +193,23 @@ def model_card(name: str, arch: ArchConfig, prov: dict, onnx_size: int) -> str:
     given = [(k, json.dumps(v)) for k, v in prov.items()
              if k not in ("bytes", "features", "run", "physical_params", "virtual_params", "macs_per_second")
              and "wer" not in k.lower()]
-    vocab, enc = arch.vocab_size, arch.encoder
-    return f"""# {name}
+    given += [(f"run {k}", str(v)) for k, v in run.items() if not k.endswith(("_wer", "_cer"))]
+    return _card_template().render(
+        name=name, sharing=sharing_in_words(arch), layer_map=layer_map(arch), enc=arch.encoder,
+        frontend=arch.frontend, vocab=arch.vocab_size, sizes=sizes, wers=wers, provenance=given,
+        feat=prov["features"], tokenizer_sha256=prov["tokenizer_sha256"],
+    )
 
-A Conformer-CTC speech recognizer found by `nas`: {sharing_in_words(arch)}.
 
-Dimensions: d_model {enc.d_model}, {enc.n_heads} heads, feed-forward {enc.ffn_dim}, convolution kernel
-{enc.conv_kernel}, {enc.n_layers} virtual layers, front end of {arch.frontend.channels} channels, {vocab} CTC classes.
-What each virtual layer runs (a letter per stored block or module): `{layer_map(arch)}`.
-
-## Size
-
-{_table(sizes)}
-
-## Accuracy (WER)
-
-{_table(wers) if wers else "No WER recorded."}
-
-## Provenance
-
-{_table(given + [(f"run {k}", str(v)) for k, v in run.items() if not k.endswith(("_wer", "_cer"))])}
-
-## Files
-
-- `arch.json`: the design (`"arch"`, an `ArchConfig`) and this provenance.
-- `model.safetensors`: the weights, each stored tensor once (shared tensors are not repeated).
-- `model.onnx`: the same model, eval mode, each stored tensor once. Inputs `feats` float32
-  `(batch, frames, {arch.frontend.n_mels})` and `lengths` int64 `(batch,)`; outputs `log_probs` float32
-  `(batch, frames', {vocab})` and `out_lengths` int64 `(batch,)`, with `frames' = ((frames - 1) // 2 - 1) // 2`.
-- `tokenizer.model`: the sentencepiece model.
-
-## Use
-
-```sh
-nas transcribe DIR FILE.wav                                    # greedy CTC transcript
-nas train DIR/arch.json --schedule full --data synth --out RUN    # retrain the design
-```
-
-`DIR` is this directory.
-
-In Python: `nas.export.load_export(DIR)` gives `(arch, model, tokenizer)`.
-
-## Input features
-
-{feat['n_mels']}-dim log-mel of 16 kHz mono audio: {feat['win_length'] * 1000 // feat['sample_rate']} ms windows
-({feat['win_length']} samples, FFT {feat['n_fft']}) every {feat['hop_length'] * 1000 // feat['sample_rate']} ms
-({feat['hop_length']} samples), `log(mel + {feat['log_offset']:g})`, then normalized per utterance: each mel bin
-to mean 0 and standard deviation 1 over the utterance's frames (`nas.data.features.log_mel`).
-
-## Tokenizer
-
-`tokenizer.model` is a sentencepiece model (sha256 `{prov['tokenizer_sha256']}`). The model has {vocab} CTC
-classes: **class 0 is the CTC blank**, class `i + 1` is sentencepiece piece `i`. Decode greedily: the best
-class per frame, repeats collapsed, blanks removed, the rest mapped through sentencepiece.
-"""
+@cache
+def _card_template() -> jinja2.Template:
+    text = (resources.files("nas") / "templates" / "model_card.md.j2").read_text(encoding="utf-8")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    return env.from_string(text)
 
 
 # ---- helpers -----------------------------------------------------------------------------
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    return "\n".join(["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
-
 
 def _run_summary(metrics: dict) -> dict:
     """What the export records of the run: schedule, steps, time, dev and test WER and CER."""
@@ -382,9 +256,3 @@ def _model(arch: ArchConfig, path: Path) -> ConformerCTC:
     except (ValueError, RuntimeError, SafetensorError) as exc:
         why = str(exc).removeprefix(f"{path}: ").splitlines()[0]
         raise UserError(str(path), "", f"does not hold this design's weights ({why})") from None
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

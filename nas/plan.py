@@ -13,10 +13,10 @@ This module is pure arithmetic: it imports no torch, so the budget stays fast.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 from math import prod
+from typing import NamedTuple
 
-from nas.config import ArchConfig
+from nas.config import CONV_STACKS, ArchConfig
 
 class Slot(NamedTuple):  # a NamedTuple: the budget builds ~40 per design, fast
     name: str  # position inside a layer
@@ -36,44 +36,32 @@ class Plan:
     head: tuple[tuple[str, tuple[int, ...]], ...]
     slots: tuple[Slot, ...]
 
-    def slot(self, name: str) -> Slot:
-        for s in self.slots:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
-    def has(self, name: str) -> bool:
-        return any(s.name == name for s in self.slots)
-
-    def stored(self) -> dict[str, int]:
-        """Every stored tensor's key and element count. Tied slots appear once."""
-        out = {k: prod(s) for k, s in self.frontend + self.head}
-        for s in self.slots:
-            for i in set(s.ids):
-                out[f"{s.store}.{i}"] = s.numel
-        return out
-
 
 def frontend_shapes(arch: ArchConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     c, d = arch.frontend.channels, arch.encoder.d_model
-    f = subsampled_mels(arch.frontend.n_mels)
-    return (
-        ("frontend.conv1.weight", (c, 1, 3, 3)),
-        ("frontend.conv1.bias", (c,)),
-        ("frontend.conv2.weight", (c, c, 3, 3)),
-        ("frontend.conv2.bias", (c,)),
-        ("frontend.proj.weight", (d, c * f)),
-        ("frontend.proj.bias", (d,)),
-    )
+    f = subsampled_mels(arch.frontend.n_mels, arch.frontend.subsampling)
+    shapes = []
+    for i, (k, _) in enumerate(CONV_STACKS[arch.frontend.subsampling], start=1):
+        shapes += [(f"frontend.conv{i}.weight", (c, 1 if i == 1 else c, k, k)), (f"frontend.conv{i}.bias", (c,))]
+    return (*shapes, ("frontend.proj.weight", (d, c * f)), ("frontend.proj.bias", (d,)))
 
 
-def subsampled_mels(n_mels: int) -> int:
-    """Frequency bins left after two 3x3 stride-2 convolutions without padding."""
-    return ((n_mels - 1) // 2 - 1) // 2
+def conv_out(n: int, kernel: int, stride: int) -> int:
+    return (n - kernel) // stride + 1
 
 
-def subsampled_frames(frames: int) -> int:
-    return ((frames - 1) // 2 - 1) // 2
+def subsampled_mels(n_mels: int, factor: int = 4) -> int:
+    """Frequency bins left after the front end's convolutions."""
+    for k, s in CONV_STACKS[factor]:
+        n_mels = conv_out(n_mels, k, s)
+    return n_mels
+
+
+def subsampled_frames(frames: int, factor: int = 4) -> int:
+    """Encoder frames left of ``frames`` log-mel frames (fewer than one: the input is too short)."""
+    for k, s in CONV_STACKS[factor]:
+        frames = conv_out(frames, k, s)
+    return frames
 
 
 def build_plan(arch: ArchConfig) -> Plan:

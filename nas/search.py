@@ -13,20 +13,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from tqdm import tqdm
 
 from nas.budget import Budget
-from nas.cluster import check_reachable, corpus_config, corpus_from_config, init_ray, prepare_data, run_dir_name
-from nas.data.corpus import Corpus, check_spec
+from nas.data.corpus import Corpus, check_data
 from nas.errors import UserError
 from nas.space import Space
 from nas.study import (
-    HEARTBEAT_S, BudgetGate, enqueue_design, objective_values, open_storage, open_study, progress, storage_url,
+    HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
 )
+from nas.trials import records, tally
+from nas.workers import Job, check_reachable, init_ray, prepare_data, run_dir, run_on_ray, schedule_ref
 
 log = logging.getLogger(__name__)
 
@@ -60,95 +65,60 @@ class SearchSettings:
         return self.results / self.study
 
 
-def proxy_trial(config: dict) -> None:
-    """Ray Tune function trainable: train one design with the proxy schedule, report dev WER.
+class BudgetSearcher(Searcher):
+    """Ray Tune ``Searcher`` over an Optuna study, with the budget checked before any trial.
 
-    A trial that raises (diverges, runs out of memory, meets bad data) reports its reason and
-    ends normally, so the driver can mark it FAIL with that reason.
+    ``suggest`` asks the budget gate for the next design that fits and hands Tune its
+    :class:`~nas.workers.Job`; every evaluation a trial reports goes to its Optuna trial's
+    ``curve``; its end is told to Optuna (COMPLETE with the objective values, or FAIL with a
+    reason) and ``on_finish(number)`` is called.
     """
-    import torch
-    from ray import tune
 
-    from nas.config import ArchConfig
-    from nas.train import load_schedule, train
-
-    torch.set_num_threads(config["threads"])
-    corpus = corpus_from_config(config["corpus"])
-    t0 = time.perf_counter()
-    try:
-        metrics = train(ArchConfig.from_json(config["arch"]), load_schedule(config["schedule"]), corpus,
-                        config["run_dir"], threads=config["threads"], progress=False, evaluate_test=False,
-                        max_memory_mb=config["max_memory_mb"],
-                        callback=lambda step, point: tune.report({"wer": point["dev_wer"], "step": step}))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a FAIL with its reason
-        reason = exc.line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        tune.report({"wer": float("nan"), "error": reason[:500]})
-        return
-    tune.report({"wer": metrics["dev"]["wer"], "step": metrics["steps"], "final": True,
-                 "train_seconds": metrics["train_seconds"], "trainer_seconds": time.perf_counter() - t0})
-
-
-class BudgetSearcher:
-    """Ray Tune ``Searcher`` over an Optuna study, with the budget checked before any trial."""
-
-    def __new__(cls, *args, **kwargs):  # subclass Ray's Searcher lazily: importing ray is slow
-        from ray.tune.search import Searcher
-
-        klass = type("BudgetSearcher", (_BudgetSearcherImpl, Searcher), {})
-        return klass(*args, **kwargs)
-
-
-class _BudgetSearcherImpl:
-    def __init__(self, study: optuna.Study, gate: BudgetGate, settings: SearchSettings, corpus: Corpus,
-                 on_finish):
-        super().__init__(metric="wer", mode="min")
-        self.study, self.gate, self.settings, self.corpus = study, gate, settings, corpus
+    def __init__(self, study: optuna.Study, storage: RDBStorage, gate: BudgetGate, settings: SearchSettings,
+                 corpus: Corpus, on_finish: Callable[[int], None]):
+        super().__init__()  # no metric: the objectives are told to Optuna here, not ranked by Tune
+        self.study, self.storage, self.gate, self.settings, self.corpus = study, storage, gate, settings, corpus
         self.on_finish = on_finish
         self.live: dict[str, optuna.Trial] = {}
-        self._heartbeat = threading.Thread(target=self._beat, daemon=True)
-        self._heartbeat.start()
+        self._study_id = storage.get_study_id_from_name(study.study_name)
+        threading.Thread(target=self._beat_forever, daemon=True).start()
 
     def suggest(self, trial_id: str):
-        from ray.tune.search import Searcher
-
         optuna.storages.fail_stale_trials(self.study)  # trials of a dead driver are retried
-        p = progress(self.study)
-        if p["done"] >= self.settings.trials:
+        t = tally(records(self.study))
+        if t.done >= self.settings.trials:
             return Searcher.FINISHED
-        if p["done"] + p["running"] >= self.settings.trials and p["waiting"] == 0:
+        if t.done + t["running"] >= self.settings.trials and t["waiting"] == 0:
             return None  # the last trials are running (maybe under another driver): wait
         cand = self.gate.next_feasible()
-        # Beat at once: a trial with no heartbeat at all is never found stale if this driver dies.
-        self.study._storage.record_heartbeat(cand.trial._trial_id)
         self.live[trial_id] = cand.trial
-        run_dir = self.settings.out / "trials" / run_dir_name(cand.trial.user_attrs["arch"], self.settings.proxy)
-        cand.trial.set_user_attr("run_dir", str(run_dir))
-        return {"arch": cand.arch.to_json(), "number": cand.trial.number, "schedule": self.settings.proxy,
-                "run_dir": str(run_dir), "threads": self.settings.cpus_per_trial,
-                "max_memory_mb": self.settings.max_trial_memory_mb,
-                "corpus": corpus_config(self.corpus)}
+        self._beat([cand.trial])  # at once: a trial with no heartbeat is never found stale if this driver dies
+        job = Job(arch=cand.arch, schedule=schedule_ref(self.settings.proxy), corpus=self.corpus,
+                  run_dir=run_dir(self.settings.out / "trials", cand.arch, self.settings.proxy),
+                  threads=self.settings.cpus_per_trial, max_memory_mb=self.settings.max_trial_memory_mb)
+        cand.trial.set_user_attr("run_dir", str(job.run_dir))
+        return {"job": job}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         trial = self.live.get(trial_id)
-        # Intermediate points only: the final report and a failed trial's report carry no step.
+        # Intermediate points only: the final report and a failed trial's report are told at the end.
         if trial is not None and "step" in result and "error" not in result and not result.get("final"):
-            curve = dict(trial.user_attrs.get("curve", {}))
-            curve[str(result["step"])] = result["wer"]
-            trial.set_user_attr("curve", curve)
+            point = {k: result[k] for k in POINT_KEYS if k in result}
+            trial.set_user_attr("curve", [*trial.user_attrs.get("curve", []), point])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self.live.pop(trial_id, None)
         if trial is None:
             return
-        if error or not result or "error" in result or "wer" not in result:
+        if error or not result or not result.get("final"):
             reason = (result or {}).get("error") or "the trial's process failed (worker died or Ray error)"
             trial.set_user_attr("fail_reason", reason)
             self.study.tell(trial, state=TrialState.FAIL)
         else:
             trial.set_user_attr("train_seconds", result.get("train_seconds"))
             trial.set_user_attr("trainer_seconds", result.get("trainer_seconds"))  # the whole train() call
-            self.study.tell(trial, objective_values(self.settings.objectives, result["wer"], trial))
-        self.on_finish(self.study.get_trials(deepcopy=False)[trial.number])
+            self.study.tell(trial, objective_values(self.settings.objectives, result, trial.user_attrs))
+        self.on_finish(trial.number)
 
     # The search's state lives in Optuna storage; re-running the command is how a search resumes.
     # Tune pickles its search algorithm for Tuner.restore, which we do not use: keep nothing.
@@ -161,14 +131,20 @@ class _BudgetSearcherImpl:
     def restore(self, checkpoint_path: str) -> None:
         pass
 
-    def _beat(self) -> None:
-        storage = self.study._storage
+    def _beat(self, trials: list[optuna.Trial]) -> None:
+        """Record a heartbeat for each running trial. Optuna records heartbeats only inside
+        ``Study.optimize``, and ask-and-tell has no public helper for it, so we call the storage's
+        own (public) ``record_heartbeat`` with the trial's storage id."""
+        for trial in trials:
+            try:
+                self.storage.record_heartbeat(
+                    self.storage.get_trial_id_from_study_id_trial_number(self._study_id, trial.number))
+            except Exception:  # noqa: BLE001 - a missed beat is retried next round
+                log.debug("heartbeat failed", exc_info=True)
+
+    def _beat_forever(self) -> None:
         while True:
-            for trial in list(self.live.values()):
-                try:
-                    storage.record_heartbeat(trial._trial_id)
-                except Exception:  # noqa: BLE001 - a missed beat is retried next round
-                    log.debug("heartbeat failed", exc_info=True)
+            self._beat(list(self.live.values()))
             time.sleep(HEARTBEAT_S)
 
 
@@ -181,7 +157,7 @@ def run_search(s: SearchSettings) -> optuna.Study:
 
     screen_budget(s.space, s.budget)  # an impossible budget is found before anything is written
     enqueued = load_enqueue_files(s.enqueue)
-    check_spec(s.data)  # everything the user typed is checked before anything is written
+    check_data(s.data)  # everything the user typed is checked before anything is written
     if s.address and s.address != "auto":
         check_reachable(s.address)  # before the storage: a refused run writes nothing
     storage = open_storage(storage_url(s.study, s.storage, s.results))  # before hours of feature extraction
@@ -196,20 +172,25 @@ def run_search(s: SearchSettings) -> optuna.Study:
         enqueue_design(study, arch, label)
     s.out.mkdir(parents=True, exist_ok=True)
 
-    def on_finish(trial: optuna.trial.FrozenTrial) -> None:
-        pareto.write_outputs(study, s.out, s.objectives)
-        print(pareto.trial_line(study, trial), flush=True)
-
-    searcher = BudgetSearcher(study, BudgetGate(study, s.space, s.budget), s, corpus, on_finish)
-    p = progress(study)
-    print(f"study {s.study}: {p['done']}/{s.trials} trials done, {p['infeasible']} infeasible samples so far; "
+    t = tally(records(study))
+    print(f"study {s.study}: {t.done}/{s.trials} trials done, {t['infeasible']} infeasible samples so far; "
           f"{s.workers} workers x {s.cpus_per_trial} CPU", flush=True)
-    if p["done"] < s.trials:
-        _tune(searcher, s)
-    pareto.write_outputs(study, s.out, s.objectives)
-    p = progress(study)
-    print(f"study {s.study}: {p['done']} trials done ({p['complete']} complete, {p['failed']} failed); "
-          f"{p['infeasible']} infeasible samples ({p['waste_pct']}% of samples); front in {s.out / 'pareto.json'}")
+    bar = tqdm(total=s.trials, initial=min(t.done, s.trials), desc="search", unit="trial", dynamic_ncols=True)
+
+    def on_finish(number: int) -> None:
+        pareto.write_outputs(study, s.out)
+        bar.write(pareto.trial_line(study, number))
+        bar.update(1)
+
+    searcher = BudgetSearcher(study, storage, BudgetGate(study, s.space, s.budget), s, corpus, on_finish)
+    if t.done < s.trials:
+        run_on_ray(s.out, s.study, s.workers, s.cpus_per_trial, searcher=searcher)
+    bar.close()
+    pareto.write_outputs(study, s.out)
+    t = tally(records(study))
+    print(f"study {s.study}: {t.done} trials done ({t['complete']} complete, {t['failed']} failed); "
+          f"{t['infeasible']} infeasible samples ({t.infeasible_share:.0%} of {t.samples} samples); "
+          f"front in {s.out / 'pareto.json'}")
     print(corpus_line)  # the run summary repeats what the corpus lost, after the trials' lines
     return study
 
@@ -243,15 +224,3 @@ def _n_trials(name: str, storage) -> int:
         return len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
     except KeyError:
         return 0
-
-
-def _tune(searcher, s: SearchSettings) -> None:
-    from ray import tune
-
-    tuner = tune.Tuner(
-        tune.with_resources(proxy_trial, {"cpu": s.cpus_per_trial}),
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=s.workers),
-        run_config=tune.RunConfig(name=f"{s.study}-{int(time.time())}", storage_path=str((s.out / "tune").resolve()),
-                                  verbose=0, failure_config=tune.FailureConfig(max_failures=1)),
-    )
-    tuner.fit()

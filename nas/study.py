@@ -27,18 +27,18 @@ from nas.budget import Budget, Count, count
 from nas.config import ArchConfig
 from nas.errors import UserError
 from nas.space import Space
+from nas.trials import BUDGET_KEY
 
-OBJECTIVES = ("wer", "bytes", "macs")
+# Proxy signals a trial's final report carries, by objective name (all minimized), then sizes.
+SIGNALS = {"wer": "dev_wer", "cer": "dev_cer"}
+OBJECTIVES = (*SIGNALS, "bytes", "macs")
+# What an intermediate evaluation point of a trial keeps (its Optuna user attr ``curve``).
+POINT_KEYS = ("step", "train_loss", "dev_wer", "dev_cer", "lr", "elapsed_s")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 # A running trial records a heartbeat this often; one silent for GRACE seconds is stale.
 HEARTBEAT_S = int(os.environ.get("NAS_HEARTBEAT_S", "10"))
 GRACE_S = int(os.environ.get("NAS_GRACE_S", str(6 * HEARTBEAT_S)))
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# We record heartbeats ourselves around ask-and-tell (nas.search), which Optuna warns is unusual.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-# A retried trial inherits its budget constraint; setting it again is a no-op Optuna warns about.
-warnings.filterwarnings("ignore", message="The constraint value is ignored because this constraint")
 
 
 def storage_url(study: str, storage: str | None, results: Path) -> str:
@@ -127,7 +127,11 @@ class BudgetGate:
 
     def next_feasible(self) -> Candidate:
         for _ in range(self.max_tries):
-            trial = self.study.ask()
+            with warnings.catch_warnings():
+                # Optuna warns that heartbeats are meant for Study.optimize; ask-and-tell records them
+                # too (nas.search beats for its running trials).
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = self.study.ask()
             try:
                 arch = self._design(trial)
             except UserError as exc:  # a combination the space allows but ArchConfig refuses
@@ -136,7 +140,9 @@ class BudgetGate:
                 continue
             c = count(arch)
             violation = self.budget.violation(c)
-            trial.set_constraint("budget", violation)
+            with warnings.catch_warnings():  # a retried trial carries its constraint: setting it again is a no-op
+                warnings.filterwarnings("ignore", message="The constraint value is ignored")
+                trial.set_constraint(BUDGET_KEY, violation)
             for key, value in _sizes(arch, c, self.budget).items():
                 trial.set_user_attr(key, value)
             if violation > 0:
@@ -158,9 +164,11 @@ def _sizes(arch: ArchConfig, c: Count, budget: Budget) -> dict:
             "bytes_int8": c.bytes("int8"), "macs_per_second": c.macs_per_second, "dtype": budget.dtype}
 
 
-def objective_values(objectives: tuple[str, ...], wer: float, trial: FrozenTrial | optuna.Trial) -> list[float]:
-    attrs = trial.user_attrs
-    return [{"wer": wer, "bytes": attrs["bytes"], "macs": attrs["macs_per_second"]}[o] for o in objectives]
+def objective_values(objectives: tuple[str, ...], result: dict, attrs: dict) -> list[float]:
+    """The values told to Optuna: proxy signals from the trial's final report, sizes from its
+    user attrs (``attrs``, written by the budget gate)."""
+    sizes = {"bytes": attrs["bytes"], "macs": attrs["macs_per_second"]}
+    return [float(result[SIGNALS[o]]) if o in SIGNALS else sizes[o] for o in objectives]
 
 
 def enqueue_design(study: optuna.Study, arch: ArchConfig, label: str) -> None:
@@ -172,33 +180,14 @@ def enqueue_design(study: optuna.Study, arch: ArchConfig, label: str) -> None:
     study.enqueue_trial({}, user_attrs={"arch": key, "label": label})
 
 
-# ---- counting -------------------------------------------------------------------------------
-
-def is_infeasible(t: FrozenTrial) -> bool:
-    return t.system_attrs.get("constraints:budget", 0) > 0
-
-
-def progress(study: optuna.Study) -> dict[str, int]:
-    """Trials by what happened to them. ``done`` counts trained designs that reached an end
-    (complete, stopped early or failed) and were not retried; ``running`` counts live ones."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
-    out = {"complete": 0, "failed": 0, "pruned": 0, "infeasible": 0, "invalid": 0, "running": 0, "waiting": 0,
-           "retried": len(retried)}
-    for t in trials:
-        if t.state == TrialState.RUNNING:
-            out["running"] += 1
-        elif t.state == TrialState.WAITING:
-            out["waiting"] += 1
-        elif t.state == TrialState.COMPLETE:
-            out["complete"] += 1
-        elif t.state == TrialState.PRUNED:
-            out["infeasible" if is_infeasible(t) else "pruned"] += 1
-        elif t.state == TrialState.FAIL and "invalid" in t.user_attrs:
-            out["invalid"] += 1
-        elif t.state == TrialState.FAIL and t.number not in retried:
-            out["failed"] += 1
-    out["done"] = out["complete"] + out["pruned"] + out["failed"]
-    sampled = out["done"] + out["running"] + out["infeasible"] + out["invalid"]
-    out["waste_pct"] = round(100 * (out["infeasible"] + out["invalid"]) / sampled, 1) if sampled else 0.0
-    return out
+def open_existing_study(study: str, storage: str | None, results: Path) -> optuna.Study:
+    """A study that must already exist (``nas retrain``, ``report``, ``export``)."""
+    if storage is None:
+        db = results / study / "study.db"
+        if not db.is_file():
+            raise UserError(str(db), "", f"no study {study!r} here (run nas search first, or give --storage)")
+        storage = f"sqlite:///{db.resolve()}"
+    try:
+        return optuna.load_study(study_name=study, storage=open_storage(storage))
+    except KeyError:
+        raise UserError("--study", "", f"no study named {study!r} in {_redact(storage)}") from None

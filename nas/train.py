@@ -1,9 +1,12 @@
 """The trainer: ``train(arch, schedule, corpus, out_dir) -> metrics``.
 
-CTC on log-mels, AdamW with warm-up and cosine decay, gradient clipping, fixed seeds; greedy
-CTC decoding scored with jiwer. A run checkpoints into ``out_dir`` and resumes from it. Every
-``eval_every`` steps the dev WER goes to ``callback(step, metrics)``; a callback that returns
-True stops the run early (the search's multi-fidelity hook). Runs on CUDA when present.
+CTC on log-mels, AdamW with warm-up and cosine decay, gradient clipping, fixed seeds. A run
+checkpoints into ``out_dir`` and resumes from it. Every ``eval_every`` steps the dev set is
+decoded greedily and the point (step, losses, dev WER, CER and loss per token, times) goes to
+``callback(step, point)``; a callback that returns True stops the run early (the search's
+multi-fidelity hook). At the end dev and test are decoded greedily and, when the schedule says
+``decode: beam``, by beam search with a lexicon and word LM from the training transcripts
+(:mod:`nas.decode`), scored with jiwer. Runs on CUDA when present.
 """
 
 from __future__ import annotations
@@ -14,75 +17,28 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import jiwer
 import torch
 import torch.nn.functional as F
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from nas.budget import count
-from nas.config import ArchConfig, user_error
+from nas.config import ArchConfig
 from nas.data.corpus import Corpus
 from nas.data.features import FeatureConfig, FeatureSet, SpecAugment, bucket_batches, collate
 from nas.data.tokenizer import BLANK, Tokenizer
+from nas.decode import BeamDecoder, build_lm, greedy_decode, tune_decoder
 from nas.errors import UserError
+from nas.files import atomic_path, atomic_write
+from nas.schedule import Schedule
 from nas.model import ConformerCTC
 
 log = logging.getLogger(__name__)
-SCHEDULES = Path(__file__).with_name("schedules")
 MAX_NONFINITE = 20  # consecutive non-finite batches before a run is declared diverged
-
-
-class _Augment(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    freq_masks: int = Field(2, ge=0)
-    freq_width: int = Field(15, ge=0)
-    time_masks: int = Field(2, ge=0)
-    time_width_ratio: float = Field(0.05, ge=0, le=1)
-
-
-class Schedule(BaseModel):
-    """A named training recipe, read from ``nas/schedules/<name>.yaml`` or a user's YAML file."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str
-    steps: int = Field(gt=0)
-    batch_frames: int = Field(gt=0)
-    peak_lr: float = Field(gt=0)
-    warmup_steps: int = Field(ge=0)
-    final_lr_ratio: float = Field(ge=0, le=1)
-    weight_decay: float = Field(ge=0)
-    grad_clip: float = Field(gt=0)
-    dropout: float = Field(ge=0, lt=1)
-    specaugment: _Augment = _Augment()
-    eval_every: int = Field(gt=0)
-    eval_utterances: int | None = Field(None, gt=0)
-    tokenizer: Literal["char", "unigram", "bpe"] = "char"
-    seed: int = 0
-
-
-def load_schedule(name_or_path: str | Path) -> Schedule:
-    """A built-in schedule by name (``proxy``, ``full``, ``demo``, ``tiny``) or a YAML file."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = SCHEDULES / f"{name_or_path}.yaml"
-        if not path.is_file():
-            names = ", ".join(sorted(p.stem for p in SCHEDULES.glob("*.yaml")))
-            raise UserError("--schedule", "", f"no schedule named {str(name_or_path)!r} (built in: {names}; or a .yaml path)")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(str(path), "", "file not found") from None
-    except yaml.YAMLError as exc:
-        raise UserError(str(path), "", f"YAML syntax error ({exc})".replace("\n", " ")) from None
-    try:
-        return Schedule.model_validate(doc)
-    except ValidationError as exc:
-        raise user_error(str(path), exc) from None
 
 
 class Diverged(UserError):
@@ -122,7 +78,6 @@ def train(
     with :class:`OverMemory` (the last checkpoint is kept), before the machine starts to swap or
     the kernel kills a whole worker."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,15 +85,18 @@ def train(
     features = FeatureConfig(n_mels=arch.frontend.n_mels)
     train_set = FeatureSet(corpus.train, corpus.feature_cache, features)
     dev_set = FeatureSet(corpus.dev, corpus.feature_cache, features)
+    out.mkdir(parents=True, exist_ok=True)  # only once the data was accepted: a refusal writes nothing
     tokenizer = _tokenizer(out, train_set.texts, arch.vocab_size, schedule.tokenizer)
 
     model = ConformerCTC(arch, dropout=schedule.dropout).to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": schedule.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=schedule.peak_lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=schedule.peak_lr,
+                            fused=True)  # one kernel for all parameters: a step's optimizer time / 5 on the CPU
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, schedule))
-    state = {"step": 0, "curve": [], "nonfinite": 0, "train_seconds": 0.0, "audio_seconds": 0.0}
+    state = {"step": 0, "curve": [], "nonfinite": 0, "train_seconds": 0.0, "step_seconds": 0.0, "audio_seconds": 0.0,
+             "loss_total": 0.0, "loss_count": 0}
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
         state = _resume(ckpt, arch, schedule, model, opt, sched)
@@ -152,11 +110,18 @@ def train(
     bar = tqdm(total=schedule.steps, initial=state["step"], desc=f"train {schedule.name}",
                unit="step", disable=not progress, dynamic_ncols=True)
     batches: list[list[int]] = []
+    sorted_epoch = False
     t_start = time.perf_counter() - state["train_seconds"]
     while state["step"] < schedule.steps and not stopped_early:
+        t_step = time.perf_counter()
+        if sorted_epoch and state["step"] >= schedule.sort_first_steps:
+            batches, sorted_epoch = [], False  # SortaGrad is over: the rest goes in shuffled epochs
         if not batches:  # a new epoch, its order fixed by the seed and the step it starts at
-            batches = bucket_batches(train_set.lengths, schedule.batch_frames, shuffle=True,
+            sorted_epoch = state["step"] < schedule.sort_first_steps
+            batches = bucket_batches(train_set.lengths, schedule.batch_frames, shuffle=not sorted_epoch,
                                      seed=schedule.seed + state["step"])
+            if sorted_epoch:
+                batches.reverse()  # batches are taken from the end: shortest first
         batch = collate(train_set, batches.pop(), tokenizer, augment, gen).to(device)
         model.train()
         log_probs, out_lens = model(batch.feats, batch.feat_lens)
@@ -183,12 +148,17 @@ def train(
         state["step"] += 1
         state["audio_seconds"] += float(batch.feat_lens.sum()) / 100
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        state["loss_total"] += loss.item()
+        state["loss_count"] += 1
+        state["step_seconds"] += time.perf_counter() - t_step
         bar.update(1)
         if state["step"] % schedule.eval_every == 0 or state["step"] == schedule.steps:
             dev = evaluate(model, dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
             state["train_seconds"] = time.perf_counter() - t_start
-            point = {"step": state["step"], "train_loss": loss_sum / max(loss_n, 1), "dev_wer": dev["wer"],
-                     "dev_cer": dev["cer"], "lr": sched.get_last_lr()[0], "elapsed_s": round(state["train_seconds"], 1)}
+            point = {"step": state["step"], "train_loss": loss_sum / max(loss_n, 1),
+                     "train_loss_mean": state["loss_total"] / state["loss_count"], "dev_wer": dev["wer"],
+                     "dev_cer": dev["cer"], "dev_loss": dev["loss"], "lr": sched.get_last_lr()[0],
+                     "elapsed_s": round(state["train_seconds"], 1), "train_s": round(state["step_seconds"], 1)}
             state["curve"].append(point)
             loss_sum, loss_n = 0.0, 0
             bar.set_postfix(loss=f"{point['train_loss']:.3f}", dev_wer=f"{dev['wer']:.3f}")
@@ -199,42 +169,93 @@ def train(
     state["train_seconds"] = time.perf_counter() - t_start
 
     metrics = _final_metrics(arch, schedule, state, stopped_early, device, tokenizer)
-    metrics["dev"] = evaluate(model, dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
+    dev = forward(model, dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
+    decoder = None
+    if schedule.decode == "beam" and not stopped_early:
+        decoder, metrics["decoder"] = _beam_decoder(out / "lm", train_set.texts, tokenizer, schedule, dev)
+    metrics["dev"] = score(dev, tokenizer, decoder)
     metrics["skipped"] = {"train": train_set.skipped, "dev": dev_set.skipped}
     if evaluate_test and not stopped_early:
         test_set = FeatureSet(corpus.test, corpus.feature_cache, features)
-        metrics["test"] = evaluate(model, test_set, tokenizer, schedule.batch_frames)
+        metrics["test"] = evaluate(model, test_set, tokenizer, schedule.batch_frames, decoder=decoder)
         metrics["skipped"]["test"] = test_set.skipped
     model.save(out / "model.safetensors")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def evaluate(model: ConformerCTC, data: FeatureSet, tokenizer: Tokenizer, batch_frames: int,
-             limit: int | None = None) -> dict:
-    """Greedy CTC decoding of (the first ``limit`` utterances of) ``data``; WER and CER by jiwer."""
+@dataclass
+class Outputs:
+    """The model's outputs on (the first ``utterances`` of) a split, batch by batch."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]  # (log_probs (B, T, V) on the CPU, lengths (B,))
+    refs: list[str]
+    loss: float  # CTC loss per target token
+    forward_s: float
+
+    @property
+    def utterances(self) -> int:
+        return len(self.refs)
+
+
+def forward(model: ConformerCTC, data: FeatureSet, tokenizer: Tokenizer, batch_frames: int,
+            limit: int | None = None) -> Outputs:
+    """Run the model (eval mode) on the first ``limit`` utterances of ``data``."""
     device = next(model.parameters()).device
     model.eval()
     n = len(data) if limit is None else min(limit, len(data))
-    refs, hyps = [], []
+    out = Outputs([], [], 0.0, 0.0)
+    loss, tokens, t0 = 0.0, 0, time.perf_counter()
     with torch.no_grad():
         for idx in bucket_batches(data.lengths[:n], 2 * batch_frames, shuffle=False):
             batch = collate(data, idx, tokenizer).to(device)
             log_probs, lens = model(batch.feats, batch.feat_lens)
-            hyps += greedy_decode(log_probs, lens, tokenizer)
-            refs += batch.texts
-    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "utterances": n,
-            "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]}
+            loss += float(F.ctc_loss(log_probs.transpose(0, 1), batch.targets, lens, batch.target_lens, blank=BLANK,
+                                     reduction="sum", zero_infinity=True))
+            tokens += int(batch.target_lens.sum())
+            out.batches.append((log_probs.cpu(), lens.cpu()))
+            out.refs += batch.texts
+    out.loss, out.forward_s = loss / max(tokens, 1), time.perf_counter() - t0
+    return out
 
 
-def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, tokenizer: Tokenizer) -> list[str]:
-    """Best class per frame, repeats collapsed, blanks removed. ``log_probs`` ``(B, T, V)``."""
-    best = log_probs.argmax(-1).cpu()
-    texts = []
-    for row, n in zip(best, lengths.tolist()):
-        ids = torch.unique_consecutive(row[:n]).tolist()
-        texts.append(tokenizer.decode([i for i in ids if i != BLANK]))
-    return texts
+def score(outputs: Outputs, tokenizer: Tokenizer, decoder: BeamDecoder | None = None) -> dict:
+    """Greedy WER and CER of ``outputs``, and with ``decoder`` also ``beam_wer``, ``beam_cer`` and the
+    seconds the beam search took (``decode_s``, against ``forward_s`` for the model)."""
+    refs = outputs.refs
+    hyps = [h for lp, n in outputs.batches for h in greedy_decode(lp, n, tokenizer)]
+    result = {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": outputs.loss,
+              "utterances": outputs.utterances, "forward_s": round(outputs.forward_s, 2),
+              "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]}
+    if decoder is not None:
+        t0 = time.perf_counter()
+        beam = [h for lp, n in outputs.batches for h in decoder(lp, n)]
+        result |= {"beam_wer": jiwer.wer(refs, beam), "beam_cer": jiwer.cer(refs, beam),
+                   "decode_s": round(time.perf_counter() - t0, 2)}
+        for example, h in zip(result["examples"], beam):
+            example["beam"] = h
+    return result
+
+
+def evaluate(model: ConformerCTC, data: FeatureSet, tokenizer: Tokenizer, batch_frames: int,
+             limit: int | None = None, decoder: BeamDecoder | None = None) -> dict:
+    """Decode (the first ``limit`` utterances of) ``data``; WER and CER by jiwer (see :func:`score`)."""
+    return score(forward(model, data, tokenizer, batch_frames, limit), tokenizer, decoder)
+
+
+def _beam_decoder(lm_dir: Path, train_texts: list[str], tokenizer: Tokenizer, schedule: Schedule,
+                  dev: Outputs) -> tuple[BeamDecoder, dict]:
+    """The lexicon and LM from the training transcripts (only), and the beam search settings
+    that decode ``dev`` best; returns the decoder and what to record of it."""
+    t0 = time.perf_counter()
+    build_lm(train_texts, tokenizer, lm_dir, schedule.lm_order)
+    built = time.perf_counter() - t0
+    settings, dev_wer = tune_decoder(lm_dir, dev.batches, dev.refs)
+    record = {"beam": settings.beam, "beam_tokens": settings.beam_tokens, "lm_weight": settings.lm_weight,
+              "word_score": settings.word_score, "tuned_on": f"dev ({dev.utterances} utterances)",
+              "tuned_dev_wer": dev_wer, "lm": json.loads((lm_dir / "lm.json").read_text()),
+              "lm_build_s": round(built, 1), "tune_s": round(time.perf_counter() - t0 - built, 1)}
+    return BeamDecoder(lm_dir, settings), record
 
 
 def _lr_factor(step: int, s: Schedule) -> float:
@@ -261,11 +282,10 @@ def _tokenizer(out: Path, texts: list[str], vocab_size: int, model_type: str) ->
 
 
 def _save(path: Path, arch, schedule, model, opt, sched, state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"arch": arch.to_json(), "schedule": schedule.model_dump(), "model": model.stored_state(),
-                "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
-                "rng": torch.get_rng_state()}, tmp)
-    tmp.replace(path)  # a run killed while saving keeps the previous checkpoint
+    with atomic_path(path) as tmp:  # a run killed while saving keeps the previous checkpoint
+        torch.save({"arch": arch.to_json(), "schedule": schedule.model_dump(), "model": model.stored_state(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
+                    "rng": torch.get_rng_state()}, tmp)
 
 
 def _resume(path: Path, arch, schedule, model, opt, sched) -> dict:

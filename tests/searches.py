@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from nas.study import is_infeasible
+from nas.trials import is_infeasible
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_HEARTBEAT = {"NAS_HEARTBEAT_S": "2", "NAS_GRACE_S": "8"}

@@ -8,7 +8,7 @@ from strategies import arch_configs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nas.budget import DTYPE_BYTES, count, parse_budget
+from nas.budget import DTYPE_BYTES, FRAME_RATE, MACS_WINDOW_S, count, macs_per_second, parse_budget
 from nas.config import ArchConfig
 from nas.errors import UserError
 from nas.model import ConformerCTC
@@ -59,19 +59,42 @@ def test_sharing_reduces_physical_but_not_virtual_parameters():
     assert shared.virtual == plain.virtual
 
 
-@pytest.mark.parametrize("sharing", [
-    {},
-    {"ties": {"attn_qk": True, "conv_glu": True, "ffn_macaron": True},
-     "low_rank": {"ffn_in": {"rank": 16, "share": "U"}, "attn_qkv": {"rank": 8}},
-     "blocks": {"pattern": "cycle", "n": 2}},
-])
-def test_macs_equal_torch_flop_counter(sharing):
-    arch = ArchConfig.from_dict({"encoder": {"d_model": 64, "n_heads": 4, "ffn_dim": 128, "conv_kernel": 7,
+MACS_SHARING = {
+    "unshared": {},
+    "ties-low-rank-blocks": {
+        "ties": {"attn_qk": True, "conv_glu": True, "ffn_macaron": True},
+        "low_rank": {"ffn_in": {"rank": 16, "share": "U"}, "attn_qkv": {"rank": 8}},
+        "blocks": {"pattern": "cycle", "n": 2}},
+    # the output projection stores the value projection's matrix but applies it to another input
+    "attn-v-out-tie": {"ties": {"attn_v_out": True}},
+    "low-rank-conv-pw": {"low_rank": {"conv_pw": {"rank": 8, "share": "V"}}, "ties": {"conv_glu": True}},
+}
+
+
+def macs_arch(sharing: dict) -> ArchConfig:
+    return ArchConfig.from_dict({"encoder": {"d_model": 64, "n_heads": 4, "ffn_dim": 128, "conv_kernel": 7,
                                              "n_layers": 4}, "sharing": sharing})
+
+
+@pytest.mark.parametrize("seconds", [10.0, 2.5])  # attention's T×T products make MACs/s depend on it
+@pytest.mark.parametrize("sharing", MACS_SHARING.values(), ids=MACS_SHARING.keys())
+def test_macs_equal_torch_flop_counter(sharing, seconds):
+    """The arithmetic against torch's count of what the built model runs (a MAC is 2 FLOPs)."""
+    arch = macs_arch(sharing)
     model = ConformerCTC(arch).eval()
+    frames = round(seconds * FRAME_RATE)
     with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        model(torch.randn(1, 1000, 80), torch.tensor([1000]))  # 10 s of 10 ms frames
-    assert count(arch).macs_per_second * 10 == fc.get_total_flops() / 2
+        model(torch.randn(1, frames, 80), torch.tensor([frames]))
+    assert round(macs_per_second(arch, seconds=seconds) * seconds) * 2 == fc.get_total_flops()
+    if seconds == MACS_WINDOW_S:
+        assert count(arch).macs_per_second == macs_per_second(arch)
+
+
+def test_ties_change_storage_not_compute():
+    """A tie stores one matrix for two products on different inputs: fewer parameters, the same MACs."""
+    untied, tied = macs_arch({}), macs_arch(MACS_SHARING["attn-v-out-tie"])
+    assert count(untied).physical - count(tied).physical == 4 * 64 * 64  # one d×d matrix per layer
+    assert macs_per_second(tied) == macs_per_second(untied)
 
 
 @given(st.integers(1, 10**9))

@@ -4,9 +4,10 @@ import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from pydantic import ValidationError
 from strategies import arch_configs
 
-from nas.config import ArchConfig, Tiling, resolve_map
+from nas.config import ArchConfig, Tiling, dotted, resolve_map, user_error
 from nas.errors import UserError
 
 
@@ -76,3 +77,44 @@ def test_load_names_the_file(tmp_path):
         ArchConfig.load(p)
     p.write_text(json.dumps({"arch": ArchConfig().model_dump(), "provenance": {"study": "s"}}))
     assert ArchConfig.load(p) == ArchConfig()
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda p: None, "file not found"),
+    (lambda p: p.mkdir(), "a directory, not a file"),
+    (lambda p: p.write_bytes(b'{"encoder": {"d_model": \xff}}'),
+     "not a text file: byte 0xff at offset 24 is not UTF-8"),
+    (lambda p: p.write_text("[" * 100_000), "not valid JSON (nested too deeply)"),
+])
+def test_load_refuses_what_is_not_a_json_text_in_one_line(tmp_path, make, why):
+    p = tmp_path / "arch.json"
+    make(p)
+    with pytest.raises(UserError) as e:
+        ArchConfig.load(p)
+    assert e.value.line() == f"error: {p}: {why}"
+
+
+def test_a_byte_order_mark_is_dropped(tmp_path):
+    p = tmp_path / "arch.json"
+    p.write_bytes(b"\xef\xbb\xbf" + ArchConfig().to_json().encode())
+    assert ArchConfig.load(p) == ArchConfig()
+
+
+def test_an_unknown_key_is_named_before_the_missing_one_it_likely_replaces():
+    from nas.schedule import Schedule
+
+    with pytest.raises(ValidationError) as e:
+        Schedule.model_validate({"name": "s", "stepz": 10})
+    assert user_error("s.yaml", e.value).line() == "error: s.yaml: stepz: unknown key"
+
+
+def test_field_names_stay_on_one_line():
+    assert dotted("knobs", "encoder.d_model", 0) == "knobs.encoder.d_model.0"
+    assert dotted("knobs", "a\nb") == "knobs.'a\\nb'"
+    line = err({"encoder": {"bad\nkey": 1}})
+    assert line == "error: arch.json: encoder.'bad\\nkey': unknown key"
+
+
+def test_from_dict_can_name_where_the_design_sits():
+    with pytest.raises(UserError, match=r"^error: designs.json: \[2\]\.encoder\.d_model: "):
+        ArchConfig.from_dict({"encoder": {"d_model": "wide"}}, source="designs.json", field="[2]")

@@ -1,14 +1,19 @@
-"""The export: round trip, ONNX parity on real audio, each stored tensor once, the trainer reads it."""
+"""The export: exact sizes, ONNX parity (real audio, a padded batch), each stored tensor once, the trainer reads it."""
 
 import json
+from math import prod
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
+import safetensors.torch
 import torch
 from onnx import numpy_helper
+from torch import nn
 
-import nas.export
+import nas.onnx_export
 from nas.budget import count
 from nas.config import ArchConfig
 from nas.data.audio import load_audio
@@ -20,7 +25,10 @@ from nas.describe import layer_map, sharing_in_words
 from nas.errors import UserError
 from nas.export import check_onnx, load_export, transcribe, write_export
 from nas.model import ConformerCTC
-from nas.train import greedy_decode, load_schedule, train
+from nas.plan import subsampled_frames
+from nas.schedule import load_schedule
+from nas.decode import greedy_decode
+from nas.train import train
 
 # Unshared, 218,776 parameters: big enough that file metadata is far below 2%.
 PLAIN = ArchConfig.from_dict({
@@ -53,14 +61,19 @@ def plain_run(tiny_corpus_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shared_run(tiny_corpus_dir, tmp_path_factory):
-    """A run directory without training (the WER does not matter here): random weights and
-    statistics, so that no two stored tensors are equal, and a real tokenizer."""
+    """A run directory without training (the WER does not matter here), with a real tokenizer.
+
+    Random weights and statistics, but for the LayerNorms, kept as initialized: their weights are
+    all ones and their biases all zeros in every layer. So distinct stored tensors of equal value
+    exist, which the ONNX export must not merge (see ``_merge_equal_initializers``).
+    """
     run = tmp_path_factory.mktemp("shared-run")
     torch.manual_seed(0)
     model = ConformerCTC(SHARED)
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point():
+            if t.is_floating_point() and id(t) not in norms:
                 t.add_(torch.rand_like(t))
     model.save(run / "model.safetensors")
     texts = [r.text for r in read_manifest(tiny_corpus_dir / "train.jsonl")]
@@ -79,9 +92,31 @@ def shared_export(shared_run, tmp_path_factory):
     return write_export(tmp_path_factory.mktemp("exports") / "shared", SHARED, shared_run, PROVENANCE)
 
 
+@pytest.fixture(scope="module")
+def three_utterances(tiny_corpus_dir):
+    """Log-mels of three test utterances of different lengths: the middle one, the shortest, the longest."""
+    rows = sorted(read_manifest(tiny_corpus_dir / "test.jsonl"), key=lambda r: r.duration)
+    feats = [log_mel(load_audio(r.audio)) for r in (rows[len(rows) // 2], rows[0], rows[-1])]
+    assert len({len(f) for f in feats}) == 3
+    return feats
+
+
 def features(wav_path):
     feats = log_mel(load_audio(wav_path))
     return feats[None], torch.tensor([len(feats)])
+
+
+def padded(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch ``(B, T_max, n_mels)``, zero-padded at the end, and the lengths."""
+    batch = torch.zeros(len(feats), max(len(f) for f in feats), feats[0].shape[1])
+    for i, f in enumerate(feats):
+        batch[i, : len(f)] = f
+    return batch, torch.tensor([len(f) for f in feats])
+
+
+def run_onnx(export_dir, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(["log_probs", "out_lengths"], {"feats": feats.numpy(), "lengths": lengths.numpy()})
 
 
 @pytest.mark.parametrize("design", ["plain", "shared"])
@@ -113,10 +148,87 @@ def test_onnx_matches_pytorch_on_real_audio(design, request, wav):
 
 
 @pytest.mark.parametrize("design", ["plain", "shared"])
-def test_safetensors_size_is_the_accounted_size(design, request):
+def test_onnx_matches_pytorch_on_a_padded_batch(design, request, three_utterances):
+    """Three utterances of different lengths in one padded batch: the same valid frames and lengths."""
+    export = request.getfixturevalue(f"{design}_export")
+    _, model, _ = load_export(export)
+    feats, lengths = padded(three_utterances)
+    with torch.no_grad():
+        want, want_lengths = model(feats, lengths)
+    got, got_lengths = run_onnx(export, feats, lengths)
+    assert got.shape == tuple(want.shape)
+    assert got_lengths.tolist() == want_lengths.tolist() == [subsampled_frames(len(f)) for f in three_utterances]
+    for i, n in enumerate(got_lengths):  # frames past an utterance's length are not compared
+        assert np.abs(got[i, :n] - want[i, :n].numpy()).max() <= 1e-4
+
+
+def test_the_lengths_reach_the_onnx_graph(plain_export, three_utterances):
+    """Told that every utterance fills the batch, onnxruntime gives the shorter ones other log-probs
+    (their attention then reads the padding too): the padding mask is in the graph. (On the trained
+    design: the shared fixture's random weights leave its output nearly blind to its input.)"""
+    feats, lengths = padded(three_utterances)
+    masked, out_lengths = run_onnx(plain_export, feats, lengths)
+    unmasked, _ = run_onnx(plain_export, feats, torch.full_like(lengths, feats.shape[1]))
+    shorter = np.flatnonzero(out_lengths < masked.shape[1])
+    assert len(shorter) == 2
+    for i in shorter:
+        n = out_lengths[i]
+        assert np.abs(unmasked[i, :n] - masked[i, :n]).max() > 1e-3
+
+
+def test_padding_does_not_change_an_utterance(plain_export, three_utterances):
+    """An utterance's valid frames, padded in a batch, are those it gives alone."""
+    batch, lengths = run_onnx(plain_export, *padded(three_utterances))
+    for i, f in enumerate(three_utterances):
+        alone, alone_lengths = run_onnx(plain_export, f[None], torch.tensor([len(f)]))
+        n = alone_lengths[0]
+        assert n == lengths[i]
+        assert np.abs(batch[i, :n] - alone[0]).max() <= 1e-4
+
+
+SAFETENSORS_ITEMSIZE = {"F32": 4, "I64": 8}
+
+
+def safetensors_header(path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]]:
+    """The bytes of a safetensors file's header (an 8-byte little-endian length, then that much
+    JSON) and, per tensor, its dtype, shape and data offsets (from the end of the header)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, {k: (v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in header.items()}
+
+
+@pytest.mark.parametrize("design", ["plain", "shared"])
+def test_safetensors_holds_exactly_the_accounted_bytes(design, request):
     arch = {"plain": PLAIN, "shared": SHARED}[design]
-    size = (request.getfixturevalue(f"{design}_export") / "model.safetensors").stat().st_size
-    assert abs(size / count(arch).bytes("fp32") - 1) <= 0.02
+    c, d = count(arch), arch.encoder.d_model
+    path = request.getfixturevalue(f"{design}_export") / "model.safetensors"
+    header, tensors = safetensors_header(path)
+    assert tensors.keys() == ConformerCTC(arch).stored_state().keys()
+    # each tensor's bytes are its elements at its dtype, and the tensors tile the data: no gap, no overlap
+    spans = sorted(offsets for _, _, offsets in tensors.values())
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(end - start == prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+               for dtype, shape, (start, end) in tensors.values())
+    data = spans[-1][1]
+
+    def payload(keys):
+        return sum(tensors[k][2][1] - tensors[k][2][0] for k in keys)
+
+    # The parameters: exactly the budget's bytes at fp32, no tolerance.
+    buffers = {k for k, _ in ConformerCTC(arch).named_buffers()}
+    params = tensors.keys() - buffers
+    assert {tensors[k][0] for k in params} == {"F32"}
+    assert payload(params) == c.bytes("fp32")
+    # The buffers, outside the budget: per BatchNorm, the running mean and variance (d float32
+    # each) and a step counter (one int64); count() gives their elements.
+    n_bn = sum(k.endswith(".num_batches_tracked") for k in buffers)
+    assert n_bn >= 1 and sum(prod(tensors[k][1]) for k in buffers) == c.buffers == n_bn * (2 * d + 1)
+    assert payload(buffers) == n_bn * (2 * d * 4 + 8)
+    # The rest of the file is the header (its JSON names every tensor): under 2% of it.
+    size = path.stat().st_size
+    assert size - data == header and header < 0.02 * size
 
 
 def onnx_initializers(path):
@@ -124,30 +236,97 @@ def onnx_initializers(path):
 
 
 def assert_stored_once(path, arch):
+    """Each stored tensor is one initializer under its safetensors key, and nothing else is stored.
+
+    Exactly: the stored initializers hold ``physical + buffers - n_bn`` elements, the budget's
+    parameters and the BatchNorm buffers but for the step counters (one per BatchNorm, which
+    eval mode does not read, so the graph does not keep them). The other initializers are the
+    graph's own constants (shape arithmetic): scalars.
+    """
     c = count(arch)
     assert c.virtual >= 4 * c.physical  # a copy per use would show at once
+    stored = ConformerCTC(arch).stored_state().keys()
+    counters = {k for k in stored if k.endswith(".num_batches_tracked")}
     inits = onnx_initializers(path)
-    total = sum(a.nbytes for a in inits.values())
-    assert c.bytes("fp32") <= total <= 1.05 * c.bytes("fp32")  # BatchNorm statistics come on top
+    assert stored & inits.keys() == stored - counters
+    assert all(inits[k].dtype == np.float32 for k in stored - counters)
+    assert sum(inits[k].size for k in stored - counters) == c.physical + c.buffers - len(counters)
+    constants = {k: a for k, a in inits.items() if k not in stored}
+    assert all(a.size <= 1 for a in constants.values()), {k: a.shape for k, a in constants.items()}
     return inits
 
 
+def equal_groups(arrays: dict[str, np.ndarray]) -> list[set[str]]:
+    """Names of arrays of equal dtype, shape and values, in groups of two or more."""
+    groups: dict[tuple, set[str]] = {}
+    for k, a in arrays.items():
+        groups.setdefault((a.dtype.str, a.shape, a.tobytes()), set()).add(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def test_onnx_stores_each_tensor_once_under_its_safetensors_key(shared_export):
-    stored = ConformerCTC(SHARED).stored_state()
     inits = assert_stored_once(shared_export / "model.onnx", SHARED)
     # the graph itself costs about 8 KB per virtual layer
     assert (shared_export / "model.onnx").stat().st_size <= 1.05 * count(SHARED).bytes("fp32")
-    used = {k for k in stored if not k.endswith("num_batches_tracked")}
-    assert used <= inits.keys()
     weights = ConformerCTC.load(SHARED, shared_export / "model.safetensors").stored_state()
-    assert all(np.array_equal(inits[k], weights[k].numpy()) for k in used)
+    assert all(np.array_equal(inits[k], weights[k].numpy()) for k in weights if k in inits)
+
+
+def test_equal_valued_stored_tensors_stay_distinct(shared_export):
+    """Distinct stored tensors of equal value (the fresh LayerNorms) keep an initializer each.
+
+    Merging them would compute the same, but the file would hold fewer tensors than the design
+    stores, and fewer bytes than the budget arithmetic, which the exact check above forbids.
+    """
+    weights = safetensors.torch.load_file(str(shared_export / "model.safetensors"))
+    groups = equal_groups({k: v.numpy() for k, v in weights.items() if not k.endswith("num_batches_tracked")})
+    assert sum(len(g) for g in groups) >= 4 * SHARED.encoder.n_layers  # 4 norms a layer, ones and zeros
+    inits = onnx_initializers(shared_export / "model.onnx")
+    for group in groups:
+        assert group <= inits.keys()
+
+
+def exporter_with_a_copy_per_use(made: dict):
+    """The dynamo exporter, then a copy of each shared initializer for every use but the first,
+    named by the module path of another use of the same stored tensor: what an exporter that
+    lifts parameters per module path would write. ``made["copies"]`` counts the copies."""
+    real = nas.onnx_export._export_dynamo
+
+    def export(model, feats, lengths):
+        graph = real(model, feats, lengths)
+        aliases: dict[int, list[str]] = {}
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        for name, t in named:
+            aliases.setdefault(id(t), []).append(name)
+        others = {name: [a for a in aliases[id(t)] if a != name] for name, t in named}
+        inits = graph.graph.initializers
+        before = len(inits)
+        for value in list(inits.values()):
+            spare = [a for a in others.get(value.name, []) if a not in inits]
+            for (node, index), name in zip(value.uses()[1:], spare):
+                copy = ir.Value(name=name, shape=value.shape, type=value.type, const_value=value.const_value)
+                graph.graph.register_initializer(copy)
+                node.replace_input_with(index, copy)
+        made["copies"] = len(inits) - before
+        return graph
+
+    return export
+
+
+def test_copies_of_a_stored_tensor_are_merged_into_one(shared_run, tmp_path, wav, monkeypatch):
+    made = {}
+    monkeypatch.setattr(nas.onnx_export, "_export_dynamo", exporter_with_a_copy_per_use(made))
+    out = write_export(tmp_path / "copies", SHARED, shared_run, {})
+    assert made["copies"] >= 50  # shared blocks, shared factors, one conv module for six layers
+    assert_stored_once(out / "model.onnx", SHARED)  # the fresh LayerNorms, equal but distinct, included
+    assert check_onnx(out, wav) <= 1e-4
 
 
 def test_the_torchscript_fallback_also_stores_each_tensor_once(shared_run, tmp_path, wav, monkeypatch):
     def unavailable(*args):
         raise RuntimeError("no dynamo today")
 
-    monkeypatch.setattr(nas.export, "_export_dynamo", unavailable)
+    monkeypatch.setattr(nas.onnx_export, "_export_dynamo", unavailable)
     out = write_export(tmp_path / "ts", SHARED, shared_run, {})
     assert_stored_once(out / "model.onnx", SHARED)
     assert check_onnx(out, wav) <= 1e-4

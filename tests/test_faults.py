@@ -17,14 +17,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from conftest import TINY_ARCH
 from damage import corrupt_flac
-from nas.cluster import run_dir_name
 from nas.config import ArchConfig
 from nas.data.manifest import Utterance, read_manifest, write_manifest
-from nas.study import progress
+from nas.schedule import load_schedule
+from nas.trials import records, tally
+from nas.workers import run_key
 from searches import (
     FAST_HEARTBEAT, ROOT, assert_nothing_over_budget_was_trained, cmdline, descendants, load, nas_search, ray_head,
     run, trial_lines,
@@ -74,7 +76,7 @@ def test_a_worker_killed_mid_trial_is_retried_and_corrupt_audio_is_skipped_and_r
     assert driver.returncode == 0, stderr[-3000:]
 
     study = load(tmp_path)
-    assert progress(study)["done"] == 2 and progress(study)["failed"] == 0
+    assert tally(records(study)).done == 2 and tally(records(study))["failed"] == 0
     assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
     killed = next(t for t in study.get_trials() if Path(t.user_attrs.get("run_dir", "/")).resolve() == victim)
     assert killed.state == TrialState.COMPLETE  # Ray Tune ran it again (FailureConfig(max_failures=1))...
@@ -91,30 +93,41 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_finished_trials(ti
     proc = subprocess.Popen(cmd, env=os.environ | FAST_HEARTBEAT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        time.sleep(1)
+    while time.monotonic() < deadline:  # kill it once 2 trials are done and another one is training
+        time.sleep(0.5)
         try:
-            if progress(load(tmp_path))["done"] >= 2:
-                break
+            recs = records(load(tmp_path))
         except Exception:  # the study may not exist yet
             continue
+        if tally(recs).done >= 2 and any(r.state == "running" and r.trained for r in recs):
+            break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = load(tmp_path)
     finished = {t.number: (t.values, t.user_attrs["run_dir"]) for t in before.get_trials()
                 if t.state == TrialState.COMPLETE}
-    assert len(finished) >= 2
+    in_flight = {t.number: t.user_attrs["run_dir"] for t in before.get_trials()
+                 if t.state == TrialState.RUNNING and "run_dir" in t.user_attrs}
+    assert 2 <= len(finished) < 5 and in_flight, "the kill did not land mid-search"
     mtimes = {n: (Path(d) / "metrics.json").stat().st_mtime for n, (_, d) in finished.items()}
 
     r = run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
     after = load(tmp_path)
-    assert progress(after)["done"] == 5  # the size of an uninterrupted study
+    assert tally(records(after)).done == 5  # the size of an uninterrupted study
     for n, (values, run_dir) in finished.items():  # kept, and not trained again
         assert after.trials[n].state == TrialState.COMPLETE and after.trials[n].values == values
         assert (Path(run_dir) / "metrics.json").stat().st_mtime == mtimes[n]
     assert not [t for t in after.get_trials() if t.state == TrialState.RUNNING]
     assert not set(trial_lines(r.stdout)) & set(finished)
+    assert trial_lines(r.stdout), "the resumed run trained nothing"
+    # Each trial that was training when the driver died was found stale and run again: as a new
+    # trial with its parameters, in its run directory (so from its checkpoint, if it had one).
+    retries = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t for t in after.get_trials()}
+    for number, run_dir in in_flight.items():
+        assert after.trials[number].state == TrialState.FAIL
+        assert number in retries and retries[number].user_attrs["run_dir"] == run_dir
+        assert retries[number].state == TrialState.COMPLETE
 
 
 @pytest.mark.parametrize("fault", ["loss turns NaN", "trial raises", "over its memory guard"])
@@ -125,7 +138,7 @@ def test_a_failing_trial_is_fail_with_its_reason_and_the_search_goes_on(fault, t
     elif fault == "trial raises":  # an enqueued design whose run directory holds a damaged checkpoint
         design = ArchConfig.from_dict(TINY_ARCH)
         (tmp_path / "design.json").write_text(design.model_dump_json())
-        run_dir = tmp_path / "t" / "trials" / run_dir_name(design.model_dump_json(), "tiny")
+        run_dir = tmp_path / "t" / "trials" / run_key(design, load_schedule("tiny"))
         run_dir.mkdir(parents=True)
         (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short by a full disk")
         extra = ["--no-baselines", "--enqueue", str(tmp_path / "design.json")]
@@ -136,13 +149,13 @@ def test_a_failing_trial_is_fail_with_its_reason_and_the_search_goes_on(fault, t
     r = run(nas_search(tmp_path, tiny_corpus_dir, *extra, trials=2))
     assert r.returncode == 0, r.stderr[-3000:]
     study = load(tmp_path)
-    assert progress(study)["done"] == 2
+    assert tally(records(study)).done == 2
     failed = [t for t in study.get_trials() if t.state == TrialState.FAIL and "run_dir" in t.user_attrs]
     assert failed
     table = trials_table(tmp_path)
     for t in failed:
-        assert table[t.number]["state"] == "FAIL" and re.search(reason, table[t.number]["user_attrs_fail_reason"])
-        assert re.search(rf"^trial {t.number}\b.*: FAIL: .*{reason}", r.stdout, re.MULTILINE)
+        assert table[t.number]["state"] == "FAILED" and re.search(reason, table[t.number]["user_attrs_fail_reason"])
+        assert re.search(rf"^trial {t.number}\b.*: FAILED: .*{reason}", r.stdout, re.MULTILINE)
     if fault == "trial raises":  # the other trial was trained after it: the driver went on
         assert [t.state for t in study.get_trials() if "run_dir" in t.user_attrs] == [TrialState.FAIL,
                                                                                      TrialState.COMPLETE]

@@ -30,7 +30,7 @@ def study_dir(tmp_path):
         else:
             wer = round(0.3 + 0.5 * rng.random() - cand.count.physical / 4e6, 3)
             study.tell(cand.trial, [wer, cand.trial.user_attrs["bytes"]])
-    write_outputs(study, tmp_path, ("wer", "bytes"))
+    write_outputs(study, tmp_path)
     return tmp_path
 
 

@@ -1,6 +1,7 @@
 """The report after a search, on a small real study: designs sampled under the budget by Optuna and
 really trained (tiny schedule, tiny corpus), one failure, one baseline; no Ray."""
 
+import base64
 import math
 import random
 import re
@@ -12,13 +13,16 @@ from scipy.stats import kendalltau, spearmanr
 
 from nas.baselines import baselines
 from nas.budget import count, parse_budget
-from nas.config import ArchConfig
 from nas.data.corpus import resolve_data
-from nas.pareto import front
-from nas.report import decisions, headline_section, param_importances, render_markdown, write_report
+from nas.pareto import front, reference_point
+from nas.report import decisions, param_importances, write_report
+from nas.report.analysis import headline
+from nas.report.document import headline_section
+from nas.schedule import load_schedule
 from nas.space import load_space
 from nas.study import BudgetGate, enqueue_design, objective_values
-from nas.train import load_schedule, train
+from nas.train import train
+from nas.trials import records, tally
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = load_space("search_spaces/tiny.yaml")
@@ -43,13 +47,43 @@ def searched(tiny_corpus_dir, tmp_path_factory):
             continue
         metrics = train(cand.arch, schedule, corpus, runs / str(n), progress=False, evaluate_test=False)
         cand.trial.set_user_attr("train_seconds", metrics["train_seconds"])
-        study.tell(cand.trial, objective_values(("wer", "bytes"), metrics["dev"]["wer"], cand.trial))
+        study.tell(cand.trial, objective_values(("wer", "bytes"), {"dev_wer": metrics["dev"]["wer"]},
+                                                cand.trial.user_attrs))
     return study
 
 
+def stand_in_study(n: int, signal: str = "wer") -> optuna.Study:
+    """``n`` designs of paper.yaml under 1 MB, not trained: a stand-in ``signal`` that depends on
+    the feed-forward rank only."""
+    space, budget = load_space("search_spaces/paper.yaml"), parse_budget("1M")
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("settings", {"objectives": [signal, "bytes"]})
+    gate, rng = BudgetGate(study, space, budget), random.Random(0)
+    for _ in range(n):
+        cand = gate.next_feasible()
+        low_rank = cand.arch.sharing.low_rank.ffn_in.rank is not None
+        study.tell(cand.trial, [0.4 + 0.3 * low_rank + rng.gauss(0, 0.01), cand.count.bytes()])
+    return study
+
+
+def retrained_rows(study):
+    """Full-retrain rows for every trained design and the paper baseline: the searched design wins."""
+    budget = TINY.budget
+    trained = [r for r in records(study) if r.state == "complete"]
+    paper = dict(baselines(TINY, budget))["paper"]
+    rows = [{"number": r.number, "label": r.label, "proxy_wer": r.values["wer"],
+             "full_dev_wer": 0.30 + 0.05 * i, "full_test_wer": 0.32 + 0.05 * i, "full_test_cer": 0.1 + 0.02 * i,
+             "bytes": r.bytes, "physical_params": r.physical_params, "arch": {}} for i, r in enumerate(trained)]
+    rows.append({"number": 99, "label": "paper", "proxy_wer": 0.97, "full_dev_wer": 0.41, "full_test_wer": 0.43,
+                 "full_test_cer": 0.15, "bytes": count(paper).bytes(budget.dtype),
+                 "physical_params": count(paper).physical, "arch": {}})
+    next(r for r in rows if r["label"] == "unshared").update(full_dev_wer=0.50, full_test_wer=0.52)
+    return rows
+
+
 def pareto_table_numbers(md: str) -> set[int]:
-    section = md.split("## The Pareto designs", 1)[1].split("\n## ", 1)[0]
-    return {int(line.split("|")[1]) for line in section.splitlines() if re.match(r"\| \d+ \|", line)}
+    return {int(line.split("|")[1]) for line in section(md, "The Pareto designs").splitlines()
+            if re.match(r"\| \d+ \|", line)}
 
 
 def section(md: str, title: str) -> str:
@@ -60,25 +94,41 @@ def assert_png(path):
     assert path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE, path
 
 
+def assert_self_contained(out_dir, pngs):
+    """report.html is rendered HTML (no Markdown left raw), fetches nothing, and embeds exactly the
+    report's PNGs, each byte for byte as a data: URI."""
+    page, md = (out_dir / "report.html").read_text(), (out_dir / "report.md").read_text()
+    for mark in ("**", "`", "|---", "| ---", "](", "```"):
+        assert mark not in page, f"raw Markdown {mark!r} in report.html"
+    assert not re.search(r"https?://", page), "the HTML must not fetch anything"
+    assert "<table>" in page and "<strong>" in page and "<h2>" in page
+    embedded = re.findall(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert sorted(p.name for p in out_dir.glob("*.png")) == sorted(pngs)
+    assert sorted(embedded) == sorted(base64.b64encode((out_dir / p).read_bytes()).decode() for p in pngs)
+    for png in pngs:
+        assert_png(out_dir / png)
+        assert f"]({png})" in md
+
+
 def test_report_of_a_real_study(searched, tmp_path):
     budget = TINY.budget
     md_path = write_report(searched, tmp_path, budget.max_bytes, budget.dtype)
-    md, page = md_path.read_text(), (tmp_path / "report.html").read_text()
+    md = md_path.read_text()
     assert md_path == tmp_path / "report.md"
 
     assert "Headline" not in md  # no retrained rows, no headline
-    assert not re.search(r"https?://", page), "the HTML must not fetch anything"
-    for name in ("front.png", "hypervolume.png"):
-        assert_png(tmp_path / name)
-        assert f"]({name})" in md
-    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 2 and all(img.startswith("iVBORw0KGgo") for img in images)  # base64 of the signature
+    assert_self_contained(tmp_path, ["front.png", "hypervolume.png"])
 
-    on_front = {t.number for t in front(searched)}
+    on_front = {r.number for r in front(searched)}
     assert on_front and pareto_table_numbers(md) == on_front
+    assert "| proxy WER |" in section(md, "The Pareto designs")
     maps = section(md, "Layer maps")
     assert all(f"#{n}" in maps for n in on_front) and "blocks A" in maps
     assert "| unshared |" in section(md, "The front")  # the baseline, placed against the front
+
+    ref = reference_point("wer", budget.max_bytes)
+    assert ref[0] == 1.5
+    assert f"WER {ref[0]:.1%}" in section(md, "Hypervolume against trials")  # the reference it used is stated
 
     complete = sum(t.state == TrialState.COMPLETE for t in searched.trials)
     assert complete == 4
@@ -91,19 +141,19 @@ def test_report_of_a_real_study(searched, tmp_path):
     assert f"{infeasible} of {len(searched.trials)} samples" in summary
 
 
+def test_the_summary_quotes_the_one_infeasible_share(searched, tmp_path):
+    budget = TINY.budget
+    t = tally(records(searched))
+    assert t["infeasible"] > 0 and t.samples == len(searched.trials)
+    summary = section(write_report(searched, tmp_path, budget.max_bytes, budget.dtype).read_text(), "Search summary")
+    quoted = re.search(r"(\d+) of (\d+) samples \(([\d.]+)%\) were over the budget", summary)
+    assert quoted and (int(quoted[1]), int(quoted[2])) == (t["infeasible"], t.samples)
+    assert float(quoted[3]) / 100 == pytest.approx(t.infeasible_share, abs=0.0005)
+
+
 def test_report_with_retrained_designs_has_the_headline_and_proxy_fidelity(searched, tmp_path):
     budget = TINY.budget
-    trained = [t for t in searched.trials if t.state == TrialState.COMPLETE]
-    paper = dict(baselines(TINY, budget))["paper"]
-    rows = [{"number": t.number, "label": t.user_attrs.get("label"), "proxy_wer": t.values[0],
-             "full_dev_wer": 0.30 + 0.05 * i, "full_test_wer": 0.32 + 0.05 * i, "full_test_cer": 0.1 + 0.02 * i,
-             "bytes": t.user_attrs["bytes"], "physical_params": t.user_attrs["physical_params"],
-             "arch": {}} for i, t in enumerate(trained)]
-    rows.append({"number": 99, "label": "paper", "proxy_wer": 0.97, "full_dev_wer": 0.41, "full_test_wer": 0.43,
-                 "full_test_cer": 0.15, "bytes": count(paper).bytes(budget.dtype),
-                 "physical_params": count(paper).physical, "arch": {}})
-    unshared = next(r for r in rows if r["label"] == "unshared")
-    unshared.update(full_dev_wer=0.50, full_test_wer=0.52)
+    rows = retrained_rows(searched)
     best = min((r for r in rows if not r["label"]), key=lambda r: r["full_dev_wer"])
 
     md = write_report(searched, tmp_path, budget.max_bytes, budget.dtype, retrained=rows).read_text()
@@ -118,8 +168,30 @@ def test_report_with_retrained_designs_has_the_headline_and_proxy_fidelity(searc
     fidelity = section(md, "Proxy fidelity")
     for stat in (kendalltau(proxy, full).statistic, spearmanr(proxy, full).statistic):
         assert ("n/a" if math.isnan(stat) else f"{stat:.3f}") in fidelity  # nan when a side does not vary
-    assert_png(tmp_path / "fidelity.png")
-    assert not re.search(r"https?://", (tmp_path / "report.html").read_text())
+    assert_self_contained(tmp_path, ["front.png", "hypervolume.png", "fidelity.png"])
+
+
+def test_the_html_is_the_markdown_rendered_with_every_png_embedded(searched, tmp_path):
+    budget = TINY.budget
+    write_report(searched, tmp_path, budget.max_bytes, budget.dtype, retrained=retrained_rows(searched))
+    page = (tmp_path / "report.html").read_text()
+    assert "<strong>Yes:" in page  # the verdict's bold, rendered by Markdown
+    assert re.search(r"<td>RuntimeError: out of memory \(simulated\)</td>", page)
+    assert "<pre><code>#" in page  # the layer maps, a fenced code block
+    assert_self_contained(tmp_path, ["front.png", "hypervolume.png", "fidelity.png"])
+
+
+def test_outside_text_is_shown_as_written_not_read_as_markup(searched, tmp_path):
+    trials = searched.get_trials(deepcopy=True)
+    failed = next(t for t in trials if t.state == TrialState.FAIL)
+    failed.user_attrs["fail_reason"] = "<oops> *not bold* `x` | a_b_ [c](d)"
+    study = optuna.create_study(study_name="odd", directions=["minimize", "minimize"])
+    study.add_trials(trials)
+    budget = TINY.budget
+    md = write_report(study, tmp_path, budget.max_bytes, budget.dtype).read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "<td>&lt;oops&gt; *not bold* `x` | a_b_ [c](d)</td>" in page
+    assert "| failure reason |" in section(md, "Search summary")
 
 
 def test_headline_says_no_when_a_baseline_is_within_ten_percent():
@@ -131,50 +203,61 @@ def test_headline_says_no_when_a_baseline_is_within_ten_percent():
              "bytes": 100, "physical_params": 25},
             {"number": 1, "label": "paper", "full_dev_wer": 0.33, "full_test_wer": 0.33, "full_test_cer": 0.1,
              "bytes": 100, "physical_params": 25}]
-    md = render_markdown("t", "", [headline_section(rows, budget_bytes=500)])
+    h = headline(rows, budget_bytes=500)
+    assert h.best["number"] == 3 and h.verdict == "no"
+    md = headline_section(h)
     assert "| searched (best full dev WER) | 3 |" in md
     assert "25.0% lower vs unshared and 9.1% lower vs paper" in md and "**No:" in md
-    md = render_markdown("t", "", [headline_section(rows[2:], budget_bytes=500)])
-    assert "No verdict: no searched design" in md
+    h = headline(rows[2:], budget_bytes=500)
+    assert h.verdict == "no searched design" and "No verdict: no searched design" in headline_section(h)
+    h = headline(rows[:1] + rows[2:3], budget_bytes=500)
+    assert h.verdict == "baseline missing" and "the paper baseline was not retrained" in headline_section(h)
+
+
+def test_no_verdict_when_nothing_has_learned():
+    rows = [{"number": 1, "label": None, "full_dev_wer": 1.0, "full_test_wer": 1.05, "full_test_cer": 0.9,
+             "bytes": 10, "physical_params": 10},
+            {"number": 2, "label": "unshared", "full_dev_wer": 1.2, "full_test_wer": 1.3, "full_test_cer": 0.9,
+             "bytes": 10, "physical_params": 10},
+            {"number": 3, "label": "paper", "full_dev_wer": 1.1, "full_test_wer": 1.2, "full_test_cer": 0.9,
+             "bytes": 10, "physical_params": 10}]
+    h = headline(rows, budget_bytes=100)
+    assert h.verdict == "nothing learned"
+    assert "**No verdict: every design's test WER is at least 100%" in headline_section(h)
 
 
 def test_importance_of_design_decisions_on_a_larger_study(tmp_path):
     """Importance needs more trials than a test can train: 30 designs of paper.yaml with a stand-in WER
     that depends on the feed-forward rank only. The estimate must name that decision first."""
-    space, budget = load_space("search_spaces/paper.yaml"), parse_budget("1M")
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
-    gate, rng = BudgetGate(study, space, budget), random.Random(0)
-    for _ in range(30):
-        cand = gate.next_feasible()
-        low_rank = cand.arch.sharing.low_rank.ffn_in.rank is not None
-        study.tell(cand.trial, [0.4 + 0.3 * low_rank + rng.gauss(0, 0.01), cand.count.bytes()])
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    importances, evaluator, _ = param_importances(complete)
+    study, budget = stand_in_study(30), parse_budget("1M")
+    complete = [r for r in records(study) if r.state == "complete"]
+    importances, evaluator, _ = param_importances(complete, "wer")
     assert evaluator in ("fANOVA", "PED-ANOVA")
-    assert set(importances) <= set(decisions(ArchConfig.from_json(complete[0].user_attrs["arch"])))
+    assert set(importances) <= set(decisions(complete[0].arch))
     assert next(iter(importances)).startswith("low_rank.ffn_")
 
     md = write_report(study, tmp_path, budget.max_bytes, budget.dtype).read_text()
     table = section(md, "Importance of each design decision")
     assert evaluator in table and "| low_rank.ffn_" in table
-    assert_png(tmp_path / "importance.png")
+    assert_self_contained(tmp_path, ["front.png", "hypervolume.png", "importance.png"])
 
 
-def test_no_verdict_when_nothing_has_learned(tmp_path):
-    from nas.report import _verdict
-
-    row = {"number": 1, "full_test_wer": 1.05}
-    text = _verdict(row, {"unshared": {"number": 2, "full_test_wer": 1.3}, "paper": {"number": 3, "full_test_wer": 1.2}})
-    assert text.startswith("**No verdict: every design's test WER is at least 100%")
+def test_a_signal_other_than_wer_is_named_and_written_as_a_plain_number(tmp_path):
+    study, budget = stand_in_study(6, signal="loss"), parse_budget("1M")
+    md = write_report(study, tmp_path, budget.max_bytes, budget.dtype).read_text()
+    table = section(md, "The Pareto designs")
+    assert "| proxy loss |" in table and "WER" not in table
+    values = {r.number: r.values["loss"] for r in front(study)}
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert {int(row[0]): row[8] for row in rows} == {n: f"{v:.4g}" for n, v in values.items()}
+    ref = reference_point("loss", budget.max_bytes, records(study))
+    assert ref[0] != 1.5 and f"loss {ref[0]:.4g}" in section(md, "Hypervolume against trials")
 
 
 def test_a_failed_retrain_is_left_out_not_a_crash(tmp_path):
-    import optuna
-
-    from nas.report import write_report
-
     study = optuna.create_study(directions=["minimize", "minimize"])
     failed = {"number": 0, "label": "unshared", "proxy_wer": 1.0, "full_dev_wer": None, "full_test_wer": None,
               "full_test_cer": None, "bytes": 10, "physical_params": 10, "arch": {}}
     text = write_report(study, tmp_path, 100, "fp32", retrained=[failed]).read_text()
     assert "Headline" not in text
+    assert "The study has no trials yet." in text

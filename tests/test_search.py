@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from nas.study import progress
+from nas.trials import records, tally
 from searches import assert_nothing_over_budget_was_trained, load, nas_search, run
 
 pytestmark = pytest.mark.slow
@@ -19,16 +19,16 @@ def test_tiny_search_leaves_a_front_and_trains_nothing_over_budget(tiny_corpus_d
     assert r.returncode == 0, r.stderr[-3000:]
     elapsed = time.monotonic() - t0
     study = load(tmp_path)
-    assert progress(study)["done"] == 5
+    assert tally(records(study)).done == 5
     assert_nothing_over_budget_was_trained(study)
     front = json.loads((tmp_path / "t" / "pareto.json").read_text())["front"]
     assert front and all(row["bytes"] <= 60_000 * 4 for row in front)
     with open(tmp_path / "t" / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["number"]) for r in rows] == [t.number for t in study.get_trials()]
-    assert {r["state"] for r in rows} <= {"COMPLETE", "FAIL", "INFEASIBLE"}
+    assert {r["state"] for r in rows} <= {"COMPLETE", "FAILED", "INFEASIBLE"}
     lines = [l for l in r.stdout.splitlines() if l.startswith("trial ")]
-    assert len(lines) == 5 and all("feasible" in l or "FAIL" in l for l in lines)
+    assert len(lines) == 5 and all("feasible" in l or "FAILED" in l for l in lines)
     labels = {t.user_attrs.get("label") for t in study.get_trials()}
     assert {"unshared", "paper"} <= labels  # the built-in baselines are always in the race
     print(f"tiny search: 5 trials in {elapsed:.0f} s")

@@ -1,11 +1,13 @@
 """Search-space files: loading, validation with named keys, realizing designs."""
 
+import random
+
 import optuna
 import pytest
 
 from nas.budget import count
 from nas.errors import UserError
-from nas.space import load_space, parse_space
+from nas.space import Choice, IntRange, load_space, parse_space
 
 PAPER = "search_spaces/paper.yaml"
 
@@ -68,6 +70,32 @@ def bad(tmp_path, text: str) -> str:
     ("knob: {}", "error: space.yaml: knob: unknown key"),
     ("knobs: {}", "error: space.yaml: knobs: must be a non-empty mapping"),
     ("knobs: {encoder.d_model: {choice: [96], when: {$a: 1}}}", "error: space.yaml: knobs.encoder.d_model.when: '$a' names no earlier knob"),
+    # Each kind of spec takes only its own keys: step and log belong to int.
+    ("knobs: {encoder.d_model: {choice: [96], step: 2}}", "error: space.yaml: knobs.encoder.d_model.step: unknown key"),
+    ("knobs: {encoder.d_model: {choice: [96], int: [1, 2]}}",
+     "error: space.yaml: knobs.encoder.d_model: a knob spec needs exactly one of choice, int, ref"),
+    ("knobs: {encoder.d_model: {times: 2}}", "error: space.yaml: knobs.encoder.d_model: a knob spec needs exactly one of"),
+    ("knobs: {encoder.d_model: {choice: 96}}", "error: space.yaml: knobs.encoder.d_model.choice: must be a non-empty list"),
+    ("knobs: {encoder.d_model: {choice: [96, [128]]}}",
+     "error: space.yaml: knobs.encoder.d_model.choice.1: [128] is not a plain value"),
+    ("knobs: {encoder.n_layers: {int: [2]}}", "error: space.yaml: knobs.encoder.n_layers.int: must be [low, high]"),
+    ("knobs: {encoder.n_layers: {int: [2, 8.5]}}",
+     "error: space.yaml: knobs.encoder.n_layers.int.1: bound 8.5 is neither an integer nor a knob's name"),
+    ("knobs: {encoder.n_layers: {int: [2, 8], step: 0}}", "error: space.yaml: knobs.encoder.n_layers.step: must be a positive integer"),
+    ("knobs: {encoder.n_layers: {int: [2, 8], log: yes please}}", "error: space.yaml: knobs.encoder.n_layers.log: must be true or false"),
+    ("knobs: {encoder.n_layers: {int: [2, 8], step: 2, log: true}}",
+     "error: space.yaml: knobs.encoder.n_layers.log: a log scale takes step 1"),
+    ("knobs: {encoder.n_layers: {int: [0, 8], log: true}}", "error: space.yaml: knobs.encoder.n_layers.log: a log scale needs low >= 1"),
+    ("knobs: {$a: 2, encoder.n_layers: {ref: [$a]}}", "error: space.yaml: knobs.encoder.n_layers.ref: ['$a'] is not a knob's name"),
+    ("knobs: {$a: 2, encoder.n_layers: {int: [1, 2], times: $b}}",
+     "error: space.yaml: knobs.encoder.n_layers.times: '$b' names no earlier knob"),
+    ("knobs: {$a: 2, encoder.n_layers: {int: [1, 2], when: [$a]}}",
+     "error: space.yaml: knobs.encoder.n_layers.when: must map earlier knobs to allowed values"),
+    ("knobs: {$a: 2, encoder.n_layers: {ref: $a, 7: 1}}", "error: space.yaml: knobs.encoder.n_layers.7: Keys should be strings"),
+    # A name that would break the one-line error shows as its repr.
+    ('knobs: {"$a\\nb": {choice: [1], ref: x}}', "error: space.yaml: knobs.'$a\\nb': a knob spec needs exactly one of"),
+    ("name: [x]\nknobs: {encoder.n_layers: 4}", "error: space.yaml: name: Input should be a valid string"),
+    ("3: x\nknobs: {encoder.n_layers: 4}", "error: space.yaml: 3: Keys should be strings"),
 ])
 def test_bad_space_files_name_file_and_key(tmp_path, text, line):
     assert bad(tmp_path, text).startswith(line)
@@ -84,3 +112,35 @@ def test_values_are_checked_against_the_field_as_archconfig_reads_them():
     assert space.from_values({}).sharing.blocks == (0, 1, 0, 1)  # a list where the field holds a tuple
     with pytest.raises(UserError, match=r"knobs\.sharing\.ties\.attn_qk\.choice: 3 is not a valid value .*\(bool\)"):
         parse_space({"knobs": {"sharing.ties.attn_qk": {"choice": [True, 3]}}}, "s.yaml")
+
+
+@pytest.mark.parametrize("knobs, line", [
+    ({"$b": {"int": [0, 0]}, "encoder.n_layers": {"int": [1, "$b"]}},
+     "knobs.encoder.n_layers.int: low 1 is above high 0 (bounds filled in from earlier knobs)"),
+    ({"$b": {"choice": ["x"]}, "encoder.n_layers": {"int": [1, "$b"]}},
+     "knobs.encoder.n_layers.int: bound 'x' is not an integer"),
+    ({"$b": {"choice": ["x"]}, "encoder.n_layers": {"choice": [2], "times": "$b"}},
+     "knobs.encoder.n_layers.times: cannot multiply 2 by $b='x': both must be numbers"),
+    ({"$a": {"choice": [1]}, "$b": {"choice": [3], "when": {"$a": 2}}, "encoder.n_layers": {"ref": "$b"}},
+     "knobs.encoder.n_layers.ref: '$b' has no value here"),
+])
+def test_values_that_only_sampling_shows_wrong_name_the_knob(knobs, line):
+    """What a spec names is checked when the file is read; what those knobs then hold, when a design
+    is sampled: a wrong one is a UserError, from random draws and from Optuna alike."""
+    space = parse_space({"knobs": knobs}, "s.yaml")
+    with pytest.raises(UserError) as e:
+        space.random(random.Random(0))
+    assert e.value.line().startswith(f"error: s.yaml: {line}")
+    with pytest.raises(UserError) as e:
+        space.sample(optuna.create_study().ask())
+    assert e.value.line().startswith(f"error: s.yaml: {line}")
+
+
+def test_specs_are_models_and_when_lists_its_values():
+    space = parse_space({"knobs": {"$a": {"int": [1, 4], "step": 3},
+                                   "encoder.n_layers": {"choice": [2, 4], "when": {"$a": 4}, "times": "$a"}}}, "s.yaml")
+    a, layers = (k.spec for k in space.knobs)
+    assert isinstance(a, IntRange) and (a.bounds, a.step, a.log) == ((1, 4), 3, False)
+    assert isinstance(layers, Choice) and layers.choice == (2, 4) and layers.when == {"$a": (4,)}
+    # $a is 1 or 4; only at 4 is n_layers sampled (2 or 4, times 4); otherwise it keeps its default, 16
+    assert {space.random(random.Random(seed)).encoder.n_layers for seed in range(30)} == {8, 16}

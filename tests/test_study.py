@@ -9,7 +9,8 @@ from nas.config import ArchConfig
 from nas.errors import UserError
 from nas.search import screen_budget
 from nas.space import load_space
-from nas.study import BudgetGate, enqueue_design, is_infeasible, open_storage, open_study, progress
+from nas.study import BudgetGate, enqueue_design, make_sampler, open_storage, open_study
+from nas.trials import is_infeasible, records, tally
 
 PAPER = load_space("search_spaces/paper.yaml")
 SETTINGS = {"space": "paper", "budget": "1M", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "proxy"}
@@ -50,30 +51,34 @@ def test_tpe_learns_the_budget_waste_after_20_trials_is_under_20_percent(tmp_pat
     feasible trials, on paper.yaml at 1M, over three seeds."""
     budget = parse_budget("1M")
     for seed in range(3):
-        study = optuna.create_study(directions=["minimize", "minimize"],
-                                    sampler=optuna.samplers.TPESampler(multivariate=True, group=True,
-                                                                      constant_liar=True, seed=seed))
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler("tpe", seed))
         gate = BudgetGate(study, PAPER, budget)
         for i in range(60):
             cand = gate.next_feasible()
             study.tell(cand.trial, [fake_wer(cand.count), cand.count.bytes()])
             if i == 19:
                 first = len(study.get_trials(deepcopy=False))
-        later = study.get_trials(deepcopy=False)[first:]
-        waste = sum(is_infeasible(t) for t in later) / len(later)
+        waste = tally(study.get_trials(deepcopy=False)[first:]).infeasible_share
         assert waste < 0.20, f"seed {seed}: {waste:.0%} of samples after the first 20 trials were infeasible"
 
 
-def test_progress_counts_what_happened(tmp_path):
+def test_tally_counts_what_happened(tmp_path):
     study = study_in(tmp_path)
     gate = BudgetGate(study, PAPER, parse_budget("1M"))
-    a, b = gate.next_feasible(), gate.next_feasible()
+    a, b, c = gate.next_feasible(), gate.next_feasible(), gate.next_feasible()
     study.tell(a.trial, [0.5, a.count.bytes()])
     b.trial.set_user_attr("fail_reason", "boom")
     study.tell(b.trial, state=TrialState.FAIL)
-    p = progress(study)
-    assert p["complete"] == 1 and p["failed"] == 1 and p["done"] == 2 and p["running"] == 0
-    assert p["infeasible"] == sum(is_infeasible(t) for t in study.get_trials())
+    t = tally(records(study))
+    assert t["complete"] == 1 and t["failed"] == 1 and t.done == 2 and t["running"] == 1
+    n_infeasible = sum(is_infeasible(x) for x in study.get_trials())
+    assert n_infeasible > 0 and t["infeasible"] == n_infeasible
+    # the one infeasible share: over every sample drawn (complete, failed, running and infeasible ones)
+    assert t.samples == len(study.get_trials()) == n_infeasible + 3
+    assert t.infeasible_share == n_infeasible / (n_infeasible + 3)
+    assert tally(study.get_trials()).counts == t.counts  # from raw Optuna trials, the same states
+    fail = next(r for r in records(study) if r.number == b.trial.number)
+    assert fail.state == "failed" and fail.fail_reason == "boom" and fail.arch == b.arch
 
 
 def test_enqueued_designs_run_once_and_keep_their_label(tmp_path):

@@ -6,14 +6,16 @@ import shutil
 import pytest
 import torch
 
-import nas.train
+import nas.schedule
 from nas.config import ArchConfig
 from nas.data.corpus import resolve_data
 from damage import corrupt_flac
 from nas.data.manifest import Utterance, read_manifest, write_manifest
 from nas.data.tokenizer import Tokenizer
 from nas.errors import UserError
-from nas.train import Diverged, OverMemory, Schedule, greedy_decode, load_schedule, train
+from nas.schedule import Schedule, load_schedule
+from nas.decode import greedy_decode
+from nas.train import Diverged, OverMemory, train
 
 
 def schedule(**over) -> Schedule:
@@ -146,5 +148,5 @@ def test_bad_schedule_files_name_their_field(tmp_path):
     p.write_text("name: x\nsteps: -3\n")
     with pytest.raises(UserError, match=r"^error: .*s.yaml: steps: Input should be greater than 0"):
         load_schedule(p)
-    shutil.copy(nas.train.SCHEDULES / "full.yaml", p)
+    shutil.copy(nas.schedule.SCHEDULES / "full.yaml", p)
     assert load_schedule(p).name == "full"

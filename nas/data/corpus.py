@@ -51,6 +51,16 @@ def check_spec(spec: str) -> tuple[str, str]:
     raise UserError("--data", "", f"{spec!r}: expected synth, synth:HOURS, librispeech:PATH or manifest:DIR")
 
 
+def check_data(spec: str) -> None:
+    """Refuse a malformed corpus name, and a manifest corpus whose rows are wrong (missing or
+    unreadable audio, empty text...), before anything is written or computed."""
+    kind, arg = check_spec(spec)
+    if kind == "manifest":
+        corpus = _from_dir(spec, Path(arg))
+        for manifest in (corpus.train, corpus.dev, corpus.test):
+            read_manifest(manifest, check_files=True)
+
+
 def resolve_data(spec: str, progress: bool = True) -> Corpus:
     kind, arg = check_spec(spec)
     if kind == "synth":
@@ -70,8 +80,10 @@ def _from_dir(spec: str, d: Path) -> Corpus:
         raise UserError(str(d), "", "corpus directory not found")
     paths = {s: d / f"{s}.jsonl" for s in SPLITS}
     for split, p in paths.items():
-        if not p.is_file():
+        if not p.exists():
             raise UserError(str(d), split, f"missing {p.name} (a corpus directory holds train/dev/test.jsonl)")
+        if p.is_dir():
+            raise UserError(str(p), "", "a directory, not a manifest file")
     return Corpus(spec, paths["train"], paths["dev"], paths["test"])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import itertools
 import logging
 import random
@@ -23,10 +22,12 @@ from nas.data.manifest import Utterance, read_manifest
 from nas.data.text import normalize
 from nas.data.tokenizer import Tokenizer
 from nas.errors import UserError
+from nas.files import atomic_path, read_text
 
 log = logging.getLogger(__name__)
 
-_CACHE_FORMAT = 1  # bump when the cached file's content changes
+_CACHE_FORMAT = 1  # bump when the cached file's content changes (files of format 1 written with
+# "durations", which nothing read, still load)
 
 
 @dataclass(frozen=True)
@@ -138,34 +139,32 @@ class FeatureSet:
 
     The cache file is keyed by the manifest's bytes and location and by ``cfg``. The manifest's
     rows are checked first (:func:`read_manifest` with ``check_files``): a wrong one is a
-    UserError. A row whose audio then fails to decode, or is empty, non-finite or shorter than one
-    window, is left out with one warning; ``skipped`` counts them by reason.
+    UserError, and nothing is written, not even ``cache_dir``. A row whose audio then fails to
+    decode, or is empty, non-finite or shorter than one window, is left out with one warning;
+    ``skipped`` counts them by reason.
 
     Attributes:
-        ids, texts, durations: per utterance, in manifest order; ``texts`` are normalized and
-            ``durations`` are seconds of audio.
+        ids, texts: per utterance, in manifest order; ``texts`` are normalized.
         lengths: frames per utterance.
         skipped: reason → rows left out.
     """
 
     def __init__(self, manifest: str | Path, cache_dir: str | Path, cfg: FeatureConfig = FeatureConfig()):
         manifest = Path(manifest)
-        if not manifest.is_file():
-            raise UserError(str(manifest), "", "manifest file not found")
-        key = hashlib.sha256(manifest.read_bytes())
+        key = hashlib.sha256(read_text(manifest, "manifest file").encode())
         key.update(repr((_CACHE_FORMAT, str(manifest.resolve()), astuple(cfg))).encode())
         cache = Path(cache_dir) / f"{manifest.stem}-{key.hexdigest()[:16]}.pt"
         if not cache.is_file():
+            computed = self._compute(manifest, cfg)  # checks the rows: a refusal writes nothing
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # concurrent workers may compute it too
-            torch.save(self._compute(manifest, cfg), tmp)
-            tmp.replace(cache)
+            with atomic_path(cache) as tmp:  # concurrent workers may compute it too
+                torch.save(computed, tmp)
+            del computed  # the features are read back memory-mapped
         data = torch.load(cache, mmap=True)  # features are paged in as batches use them
         log.info("%s: %d utterances%s; in %s", manifest, len(data["ids"]), skipped_text(data["skipped"]), cache)
         self.cfg = cfg
         self.ids: list[str] = data["ids"]
         self.texts: list[str] = data["texts"]
-        self.durations: list[float] = data["durations"]
         self.lengths: list[int] = data["lengths"]
         self.skipped: dict[str, int] = data["skipped"]
         self._feats: Tensor = data["feats"]  # (total frames, n_mels) float16
@@ -173,7 +172,7 @@ class FeatureSet:
 
     @staticmethod
     def _compute(manifest: Path, cfg: FeatureConfig) -> dict:
-        data = {"ids": [], "texts": [], "durations": [], "lengths": [], "skipped": {}}
+        data = {"ids": [], "texts": [], "lengths": [], "skipped": {}}
         feats = []
         for utt in tqdm(read_manifest(manifest, check_files=True), desc=f"features {manifest.name}", unit="utt"):
             try:
@@ -185,7 +184,6 @@ class FeatureSet:
             feats.append(log_mel(wav, cfg).half())
             data["ids"].append(utt.id)
             data["texts"].append(text)
-            data["durations"].append(len(wav) / cfg.sample_rate)
             data["lengths"].append(len(feats[-1]))
         if not feats:
             counts = ", ".join(f"{n} {reason}" for reason, n in data["skipped"].items())

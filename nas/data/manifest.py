@@ -14,12 +14,14 @@ A corpus is a directory holding ``train.jsonl``, ``dev.jsonl`` and ``test.jsonl`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nas.data.audio import SAMPLE_RATE, AudioError, probe_audio
 from nas.data.text import normalize
 from nas.errors import UserError
+from nas.files import atomic_write, read_text
 
 SPLITS = ("train", "dev", "test")
 
@@ -43,10 +45,9 @@ def read_manifest(path: str | Path, check_files: bool = False) -> list[Utterance
     and counted when features are computed, so one corrupt file never ends a long run.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(str(path), "", "manifest file not found")
     rows: list[Utterance] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    lines = read_text(path, "manifest file").split("\n")  # JSON Lines: only "\n" ends a row
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"line {lineno}"
@@ -54,13 +55,16 @@ def read_manifest(path: str | Path, check_files: bool = False) -> list[Utterance
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(str(path), where, f"not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UserError(str(path), where, "not valid JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise UserError(str(path), where, "each line must be a JSON object")
         for key in ("audio", "text"):
             if not isinstance(obj.get(key), str):
                 raise UserError(str(path), f"{where}.{key}", "missing or not a string")
         duration = obj.get("duration")
-        if duration is not None and (not isinstance(duration, (int, float)) or duration < 0):
+        if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
+                                     or not 0 <= duration < math.inf):
             raise UserError(str(path), f"{where}.duration", "must be a non-negative number of seconds")
         audio = Path(obj["audio"])
         if not audio.is_absolute():
@@ -84,12 +88,13 @@ def read_manifest(path: str | Path, check_files: bool = False) -> list[Utterance
 def _check_row(path: Path, where: str, audio: Path, text: str) -> None:
     if not normalize(text):
         raise UserError(str(path), f"{where}.text", f"no words left in {text!r} after normalization")
+    shown = str(audio) if str(audio).isprintable() else repr(str(audio))  # the error stays one line
     try:
         rate = probe_audio(audio)
     except AudioError as exc:
-        raise UserError(str(path), f"{where}.audio", f"{audio}: {exc}") from None
+        raise UserError(str(path), f"{where}.audio", f"{shown}: {exc}") from None
     if rate < SAMPLE_RATE:
-        raise UserError(str(path), f"{where}.audio", f"{audio}: {rate} Hz, below the {SAMPLE_RATE} Hz the "
+        raise UserError(str(path), f"{where}.audio", f"{shown}: {rate} Hz, below the {SAMPLE_RATE} Hz the "
                         "features need (upsampling cannot restore the missing band)")
 
 
@@ -97,16 +102,15 @@ def write_manifest(path: str | Path, rows: list[Utterance]) -> None:
     """Write rows as JSONL; audio paths inside the manifest's directory are stored relative."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            obj = asdict(row)
-            audio = Path(row.audio)
-            try:
-                obj["audio"] = str(audio.resolve().relative_to(path.parent.resolve()))
-            except ValueError:
-                obj["audio"] = str(audio.resolve())
-            if obj["duration"] is None:
-                del obj["duration"]
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    tmp.replace(path)  # atomic: a killed writer never leaves half a manifest
+    lines = []
+    for row in rows:
+        obj = asdict(row)
+        audio = Path(row.audio)
+        try:
+            obj["audio"] = str(audio.resolve().relative_to(path.parent.resolve()))
+        except ValueError:
+            obj["audio"] = str(audio.resolve())
+        if obj["duration"] is None:
+            del obj["duration"]
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(lines))  # a killed writer never leaves half a manifest

@@ -5,7 +5,8 @@ of CPython's standard library (PSF License). Each utterance picks an *accent*, o
 English voices of espeak-ng, and a *variant* (``m3``, ``f2``, ``klatt``..., about 100): a speaker is
 the pair, written ``en-gb+m3``. Rate, pitch and intonation range vary per utterance. The speech then
 passes a simulated room and line: silence around it, sometimes reverberation, white, pink or brown
-noise at 5–30 dB SNR, sometimes a low-pass (telephone-like), and a random level.
+noise at 5–30 dB SNR, sometimes a low-pass (telephone-like), and a random level. The binding to
+libespeak-ng is :mod:`nas.data.espeak`; the room and line are :mod:`nas.data.channel`.
 
 The splits share neither sentences nor speakers. A hash of its text puts each sentence in one split
 (about 10% each to dev and test); a hash of its name holds 10 variants out for dev and 10 others
@@ -26,7 +27,6 @@ made again.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import itertools
 import json
@@ -39,13 +39,15 @@ from pathlib import Path
 import espeakng_loader
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchaudio.functional as AF
 from tqdm import tqdm
 
 from nas.data.audio import SAMPLE_RATE, write_audio
+from nas.data.channel import NOISE_COLOURS, through_channel
+from nas.data.espeak import ESPEAK_RATE, Espeak
 from nas.data.manifest import SPLITS, Utterance, write_manifest
 from nas.errors import UserError
+from nas.files import atomic_path, atomic_write
 
 VERSION = 1  # of the recipe below: a corpus stamped with another version is not taken as done
 SENTENCES = Path(__file__).with_name("sentences.txt")
@@ -72,18 +74,11 @@ PITCH = (25, 75)  # espeak-ng's 0–100 scale, around the variant's own pitch
 INTONATION = (25, 75)  # espeak-ng's pitch range, 0 monotone to 100
 PAD_S = (0.05, 0.4)  # silence before and after the speech
 REVERB_P, RT60_S = 0.3, (0.15, 0.6)
-NOISE_COLOURS = {"white": 0.0, "pink": 0.5, "brown": 1.0}  # amplitude ∝ 1/f^exponent
 SNR_DB = (5.0, 30.0)
 LOWPASS_P, LOWPASS_HZ = 0.3, (2500.0, 6000.0)
 PEAK_DBFS = (-20.0, -1.0)
 
-ESPEAK_RATE = 22_050
 SECONDS_PER_CHAR = 0.054  # espeak-ng's speech per character of text at 175 wpm, measured over variants
-
-# espeak-ng's API constants (speak_lib.h)
-_AUDIO_OUTPUT_SYNCHRONOUS, _POS_CHARACTER, _CHARS_UTF8 = 2, 1, 1
-_RATE, _PITCH, _RANGE = 1, 3, 4
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
 @dataclass(frozen=True)
@@ -101,7 +96,7 @@ class Take:
     lead_s: float
     trail_s: float
     rt60_s: float  # 0: no reverberation
-    noise: str  # a key of NOISE_COLOURS
+    noise: str  # a key of nas.data.channel.NOISE_COLOURS
     snr_db: float
     lowpass_hz: float  # 0: full band
     peak: float  # linear peak level of the result
@@ -303,109 +298,26 @@ def _render_chunk(job: tuple[Path, list[Take]]) -> dict[str, float]:
     """Worker: synthesize a chunk of takes in order, with this process's fresh libespeak-ng."""
     out_dir, takes = job
     torch.set_num_threads(1)  # one process per core; a forked OpenMP pool must not be used either
-    espeak = _Espeak()
+    espeak = Espeak()
     return {take.id: _render(take, espeak, out_dir) for take in takes}
 
 
-def _render(take: Take, espeak: _Espeak, out_dir: Path) -> float:
+def _render(take: Take, espeak: Espeak, out_dir: Path) -> float:
     """Synthesize ``take``, resample it to 16 kHz, pass it through its channel and write it.
 
     Returns:
         its duration in seconds.
     """
-    speech = AF.resample(torch.from_numpy(espeak.say(take)), ESPEAK_RATE, SAMPLE_RATE)
-    wav = _channel(speech, take, np.random.default_rng(take.seed))
-    path = out_dir / take.audio
-    tmp = path.with_suffix(".tmp.wav")
-    write_audio(tmp, wav)
-    tmp.replace(path)  # atomic: a killed worker never leaves half a file under the real name
+    voice = f"{ACCENTS[take.accent]}+{take.variant}"
+    samples = espeak.say(take.text, voice, take.rate, take.pitch, take.intonation, take.seed)
+    speech = AF.resample(torch.from_numpy(samples), ESPEAK_RATE, SAMPLE_RATE)
+    wav = through_channel(
+        speech, np.random.default_rng(take.seed), lead_s=take.lead_s, trail_s=take.trail_s, rt60_s=take.rt60_s,
+        noise=take.noise, snr_db=take.snr_db, lowpass_hz=take.lowpass_hz, peak=take.peak,
+    )
+    with atomic_path(out_dir / take.audio) as tmp:  # a killed worker never leaves half a file
+        write_audio(tmp, wav)
     return wav.numel() / SAMPLE_RATE
-
-
-def _channel(speech: torch.Tensor, take: Take, rng: np.random.Generator) -> torch.Tensor:
-    """The room and the line: silence around, reverberation, noise, low-pass, then the level."""
-    wav = F.pad(speech, (round(take.lead_s * SAMPLE_RATE), round(take.trail_s * SAMPLE_RATE)))
-    if take.rt60_s:
-        wav = _reverberate(wav, take.rt60_s, rng)
-    noise = _noise(wav.numel(), NOISE_COLOURS[take.noise], rng)
-    wav = AF.add_noise(wav[None], noise[None], torch.tensor([take.snr_db]))[0]
-    if take.lowpass_hz:
-        wav = AF.lowpass_biquad(wav, SAMPLE_RATE, take.lowpass_hz)
-    return wav * (take.peak / wav.abs().max())
-
-
-def _reverberate(wav: torch.Tensor, rt60_s: float, rng: np.random.Generator) -> torch.Tensor:
-    """``wav`` in a synthetic room: the direct sound plus a noise tail decaying 60 dB in ``rt60_s``.
-
-    The tail carries half the energy of the direct sound, a light reverberation.
-    """
-    t = np.arange(1, round(rt60_s * SAMPLE_RATE)) / SAMPLE_RATE
-    tail = rng.standard_normal(t.size) * np.exp(-np.log(1000) * t / rt60_s)
-    response = torch.from_numpy(np.concatenate([[1.0], tail * np.sqrt(0.5 / np.sum(tail**2))])).float()
-    n = _fft_length(wav.numel() + response.numel() - 1)
-    return torch.fft.irfft(torch.fft.rfft(wav, n) * torch.fft.rfft(response, n), n)[: wav.numel()]
-
-
-def _noise(samples: int, exponent: float, rng: np.random.Generator) -> torch.Tensor:
-    """Gaussian noise whose amplitude spectrum falls as 1/f^exponent (0 white, 0.5 pink, 1 brown)."""
-    n = _fft_length(samples)
-    spectrum = np.fft.rfft(rng.standard_normal(n))
-    spectrum /= np.arange(1, spectrum.size + 1) ** exponent
-    return torch.from_numpy(np.fft.irfft(spectrum, n)[:samples]).float()
-
-
-def _fft_length(samples: int) -> int:
-    """The power of two at or above ``samples``: an FFT of an arbitrary length can be 10 times slower."""
-    return 1 << (samples - 1).bit_length()
-
-
-class _Espeak:
-    """libespeak-ng in this process, synthesizing synchronously into memory at 22.05 kHz."""
-
-    def __init__(self):
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
-        data = espeakng_loader.get_data_path().encode()
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data, 0)
-        if rate != ESPEAK_RATE:
-            raise RuntimeError(f"espeak_Initialize returned {rate}, expected the sample rate {ESPEAK_RATE}")
-        self._lib, self._libc = lib, ctypes.CDLL(None)
-        self._pieces: list[np.ndarray] = []
-        self._callback = _CALLBACK(self._collect)  # kept referenced: the library calls it
-        lib.espeak_SetSynthCallback(self._callback)
-
-    def say(self, take: Take) -> np.ndarray:
-        """``take.text`` in the take's voice, rate, pitch and intonation: float32 at 22.05 kHz."""
-        voice = f"{ACCENTS[take.accent]}+{take.variant}".encode()
-        _check("espeak_SetVoiceByName", self._lib.espeak_SetVoiceByName(voice))
-        for param, value in ((_RATE, take.rate), (_PITCH, take.pitch), (_RANGE, take.intonation)):
-            _check("espeak_SetParameter", self._lib.espeak_SetParameter(param, value, 0))
-        # espeak-ng draws noise from its own generator and from libc's rand()
-        self._lib.espeak_ng_SetRandSeed(take.seed)
-        self._libc.srand(take.seed)
-        text = take.text.encode("utf-8") + b"\0"
-        self._pieces = []
-        _check("espeak_Synth", self._lib.espeak_Synth(text, len(text), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None))
-        if not self._pieces:
-            raise RuntimeError(f"espeak-ng made no audio for {take.id}")
-        return np.concatenate(self._pieces).astype(np.float32) / 32768
-
-    def _collect(self, samples, count: int, events) -> int:
-        """The synthesis callback: keep a copy of each piece of audio; 0 means go on."""
-        if count > 0:
-            self._pieces.append(np.ctypeslib.as_array(samples, (count,)).copy())
-        return 0
-
-
-def _check(call: str, status: int) -> None:
-    """Raise if a libespeak-ng call did not return EE_OK (0)."""
-    if status != 0:
-        raise RuntimeError(f"{call} failed with espeak-ng status {status}")
 
 
 def _hours(takes: dict[str, list[Take]], durations: dict[str, float]) -> dict[str, float]:
@@ -415,6 +327,4 @@ def _hours(takes: dict[str, list[Take]], durations: dict[str, float]) -> dict[st
 
 def _write_json(path: Path, obj: dict) -> None:
     """Write ``obj`` as JSON atomically, so a reader never sees half of it."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from nas.data.text import normalize
+from nas.files import atomic_write
 
 BLANK = 0
 MODEL_TYPES = ("unigram", "bpe", "char")
@@ -84,9 +85,7 @@ class Tokenizer:
             ) from None
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(model.getvalue())
-        tmp.replace(path)
+        atomic_write(path, model.getvalue())
         return cls(model.getvalue())
 
     @classmethod
@@ -96,6 +95,14 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Class ids (never the blank, 0) of ``normalize(text)``."""
         return [i + 1 for i in self._sp.encode(normalize(text))]
+
+    def pieces(self, word: str) -> list[str]:
+        """The pieces that spell one normalized ``word`` (as :meth:`encode` would emit them)."""
+        return self._sp.encode_as_pieces(word)
+
+    def piece_list(self) -> list[str]:
+        """Every piece, in class order: piece ``i`` is CTC class ``i + 1``."""
+        return [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of class ids; blanks are dropped."""

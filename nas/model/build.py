@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from nas.config import ArchConfig
+from nas.files import atomic_write
 from nas.model.conformer import (
     ConformerLayer, Convolution, FeedForward, Linear, SelfAttention, Subsampling,
 )
@@ -91,7 +92,7 @@ class ConformerCTC(nn.Module):
         self.arch = arch
         plan = build_plan(arch)
         fe, enc = arch.frontend, arch.encoder
-        self.frontend = Subsampling(fe.n_mels, fe.channels, enc.d_model)
+        self.frontend = Subsampling(fe.n_mels, fe.channels, enc.d_model, fe.subsampling)
         self.store = Store(plan)
         self.layers = nn.ModuleList(self._layer(self.store, l, dropout) for l in range(enc.n_layers))
         self.head = nn.Linear(enc.d_model, arch.vocab_size)
@@ -139,7 +140,8 @@ class ConformerCTC(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Weights as safetensors, each stored tensor once."""
-        safetensors.torch.save_file({k: v.contiguous() for k, v in self.stored_state().items()}, str(path))
+        state = {k: v.contiguous() for k, v in self.stored_state().items()}
+        atomic_write(path, safetensors.torch.save(state))
 
     @classmethod
     def load(cls, arch: ArchConfig, path: str | Path, device: str = "cpu") -> ConformerCTC:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nas.config import CONV_STACKS
+
 
 class Linear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` given whole, or as low-rank factors ``W = U·V``.
@@ -91,6 +93,9 @@ class SelfAttention(nn.Module):
 class Convolution(nn.Module):
     """LayerNorm → pointwise (d→2d) → GLU → depthwise conv → BatchNorm → SiLU → pointwise (d→d) → Dropout.
 
+    ``padding_mask`` (forward): ``(B, T)``, True at padded frames, which are zeroed before the
+    depthwise convolution (torchaudio's module does not; with no padding the two agree).
+
     Args:
         pw1: the first pointwise layer, ``(2d, d)``; or ``(d, d)`` when ``glu_tied``, where both
             GLU halves use its product and differ only by their biases (``pw1.bias``, ``gate_bias``).
@@ -105,13 +110,15 @@ class Convolution(nn.Module):
         self.dw_weight, self.dw_bias, self.gate_bias = dw_weight, dw_bias, gate_bias
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         x = self.norm(x)
         if self.gate_bias is not None:
             h = self.pw1(x, bias=False)
             x = (h + self.pw1.bias) * torch.sigmoid(h + self.gate_bias)
         else:
             x = F.glu(self.pw1(x), dim=-1)
+        if padding_mask is not None:  # the depthwise kernel must not read padding: an utterance's output
+            x = x.masked_fill(padding_mask[..., None], 0.0)  # is then the same alone or in a padded batch
         k = self.dw_weight.shape[-1]
         x = F.conv1d(x.transpose(1, 2), self.dw_weight.unsqueeze(1), self.dw_bias,
                      padding=(k - 1) // 2, groups=x.shape[-1])
@@ -134,26 +141,32 @@ class ConformerLayer(nn.Module):
     def forward(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         x = x + 0.5 * self.ffn1(x)
         x = x + self.attn(x, key_padding_mask)
-        x = x + self.conv(x)
+        x = x + self.conv(x, key_padding_mask)
         x = x + 0.5 * self.ffn2(x)
         return self.final_norm(x)
 
 
 class Subsampling(nn.Module):
-    """4x subsampling: two 3x3 stride-2 Conv2d with ReLU, then a linear projection to ``d``.
+    """Subsampling in time and frequency by ``factor``: a stack of unpadded Conv2d with ReLU
+    (``CONV_STACKS``: 4x is two 3x3 stride-2 convolutions), then a linear projection to ``d``.
 
-    Input ``(B, T, n_mels)`` log-mels; output ``(B, T', d)`` with ``T' = ((T-1)//2-1)//2``.
+    Input ``(B, T, n_mels)`` log-mels; output ``(B, T', d)``, with ``T' = ((T-1)//2-1)//2`` at 4x
+    (:func:`nas.plan.subsampled_frames`), and the lengths ``(B,)`` mapped alike.
     """
 
-    def __init__(self, n_mels: int, channels: int, d_model: int):
+    def __init__(self, n_mels: int, channels: int, d_model: int, factor: int = 4):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, channels, 3, stride=2)
-        self.conv2 = nn.Conv2d(channels, channels, 3, stride=2)
-        f = ((n_mels - 1) // 2 - 1) // 2
+        self.stack = CONV_STACKS[factor]
+        f = n_mels
+        for i, (k, s) in enumerate(self.stack, start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(1 if i == 1 else channels, channels, k, stride=s))
+            f = (f - k) // s + 1
         self.proj = nn.Linear(channels * f, d_model)
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        x = F.relu(self.conv2(F.relu(self.conv1(x.unsqueeze(1)))))  # (B, C, T', F')
+        x = x.unsqueeze(1)
+        for i, (k, s) in enumerate(self.stack, start=1):
+            x = F.relu(getattr(self, f"conv{i}")(x))  # (B, C, T', F')
+            lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
         B, C, T, Fq = x.shape
-        x = self.proj(x.permute(0, 2, 1, 3).reshape(B, T, C * Fq))
-        return x, torch.div(torch.div(lengths - 1, 2, rounding_mode="floor") - 1, 2, rounding_mode="floor")
+        return self.proj(x.permute(0, 2, 1, 3).reshape(B, T, C * Fq)), lengths

@@ -10,7 +10,7 @@ import torch
 
 import nas.data.features as features
 from nas.data.features import FeatureConfig, FeatureSet, SpecAugment, bucket_batches, collate, log_mel
-from nas.data.manifest import Utterance, write_manifest
+from nas.data.manifest import Utterance, read_manifest, write_manifest
 from nas.data.tokenizer import Tokenizer
 from nas.errors import UserError
 from damage import corrupt_flac
@@ -68,7 +68,6 @@ def test_feature_set_holds_usable_rows(corpus, tmp_path):
     assert len(fs) == 4 and fs.skipped == {}
     assert fs.ids == ["a", "b", "c", "d"]
     assert fs.texts == ["hello world", "it's a test", "one more longer line", "ok"]
-    assert fs.durations == [1.0, 0.5, 2.0, 0.3]
     assert fs.lengths == [101, 51, 201, 31]
     wav, _ = sf.read(tmp_path / "c.wav", dtype="float32")
     expected = log_mel(torch.from_numpy(wav))
@@ -138,7 +137,22 @@ def test_manifest_mistakes_are_refused_before_anything_is_decoded(tmp_path, mist
     write_manifest(tmp_path / "train.jsonl", rows + [wrong])
     with pytest.raises(UserError, match=r"train\.jsonl: " + message):
         FeatureSet(tmp_path / "train.jsonl", tmp_path / "cache")
-    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    assert not (tmp_path / "cache").exists()  # refused before anything is written
+
+
+def test_a_manifest_that_is_not_text_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(b'{"audio": "a.wav", "text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(UserError, match=r"train\.jsonl: not a text manifest file: byte 0xe9 at offset 31"):
+        FeatureSet(tmp_path / "train.jsonl", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_only_a_newline_ends_a_manifest_row(tmp_path):
+    """JSON Lines: a transcript may hold U+2028 or a form feed, which str.splitlines would cut at."""
+    [row] = make_utterances(tmp_path, [("a", 0.5, "one\u2028two\x0cthree")])
+    write_manifest(tmp_path / "train.jsonl", [row])
+    [again] = read_manifest(tmp_path / "train.jsonl")
+    assert again.text == row.text and again.audio == row.audio
 
 
 def test_higher_sample_rates_are_resampled(tmp_path):
@@ -153,6 +167,7 @@ def test_no_usable_row_is_a_user_error(tmp_path):
                                             Utterance("y", corrupt_flac(tmp_path / "y.flac"), "words")])
     with pytest.raises(UserError, match=r"dev\.jsonl: no usable utterance \(2 skipped: 2 bad audio\)"):
         FeatureSet(tmp_path / "dev.jsonl", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_spec_augment_masks_inside_true_lengths():

@@ -11,7 +11,7 @@ from nas.data.librispeech import librispeech_splits, to_manifests
 from nas.data.manifest import read_manifest
 from nas.errors import UserError
 
-FIXTURE = Path(__file__).parents[2].parent / "shared/fixtures/librispeech"
+FIXTURE = Path(__file__).parents[1] / "fixtures/librispeech"  # see ATTRIBUTION.md there
 GENUINE_TEXT = (
     "IF THE READER WILL EXCUSE ME I WILL SAY NOTHING OF MY ANTECEDENTS NOR OF THE CIRCUMSTANCES "
     "WHICH LED ME TO LEAVE MY NATIVE COUNTRY THE NARRATIVE WOULD BE TEDIOUS TO HIM AND PAINFUL TO MYSELF"

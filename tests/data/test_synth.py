@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from nas.data import synth
+from nas.data.espeak import ESPEAK_RATE, Espeak
 from nas.data.manifest import SPLITS, read_manifest
 from nas.errors import UserError
 
@@ -120,3 +122,21 @@ def test_sentence_file():
     assert len(set(splits["train"])) >= 3000
     assert len({word for s in splits["train"] for word in s.split()}) >= 2000
     assert min(len(splits["dev"]), len(splits["test"])) >= synth.DEV_UTTERANCES
+
+
+def _say(voice: str) -> np.ndarray | str:
+    """In a fresh process: one utterance, or the error message."""
+    try:
+        return Espeak().say("the quick brown fox", voice, rate=175, pitch=50, intonation=50, seed=7)
+    except RuntimeError as exc:
+        return str(exc)
+
+
+def test_the_espeak_binding_in_fresh_processes():
+    """The same text, voice and seed give the same samples; an unknown voice is an error. Each call
+    runs in a new process, as the corpus does: this one never loads libespeak-ng."""
+    with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
+        first, again, bad = pool.map(_say, ["en-us+m3", "en-us+m3", "xx-no-such-voice"], chunksize=1)
+    assert first.dtype == np.float32 and 0.5 < len(first) / ESPEAK_RATE < 3 and np.abs(first).max() > 0.01
+    assert np.array_equal(first, again)
+    assert bad.startswith("espeak_SetVoiceByName failed")

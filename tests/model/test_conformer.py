@@ -69,14 +69,27 @@ def test_unshared_encoder_computes_torchaudio_outputs():
     copy_from_torchaudio(model, ta)
     model.eval(), ta.eval()
     x = torch.randn(3, 37, e.d_model)
-    lengths = torch.tensor([37, 30, 11])
-    mask = torch.arange(37)[None] >= lengths[:, None]
+
+    def ours(x, lengths):
+        mask = torch.arange(x.shape[1])[None] >= lengths[:, None]
+        with torch.no_grad():
+            for layer in model.layers:
+                x = layer(x, mask)
+        return x
+
+    full = torch.full((3,), 37)
     with torch.no_grad():
-        want, _ = ta(x, lengths)
-        got = x
-        for layer in model.layers:
-            got = layer(got, mask)
-    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        want, _ = ta(x, full)
+    assert torch.allclose(ours(x, full), want, atol=1e-5), (ours(x, full) - want).abs().max()
+    # Padded: each utterance's valid frames are what torchaudio computes for it alone. (In a padded
+    # batch torchaudio's depthwise convolution reads the padding next to the last frames; ours
+    # zeroes it first, so an utterance's output does not depend on the batch it is in.)
+    lengths = torch.tensor([37, 30, 11])
+    got = ours(x, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        with torch.no_grad():
+            alone, _ = ta(x[i:i + 1, :n], lengths[i:i + 1])
+        assert torch.allclose(got[i, :n], alone[0], atol=1e-5), (got[i, :n] - alone[0]).abs().max()
 
 
 def shared_arch() -> ArchConfig:
@@ -168,3 +181,23 @@ def test_saved_model_stores_each_shared_tensor_once(tmp_path):
         assert torch.equal(model(feats, lengths)[0], loaded(feats, lengths)[0])
     # sharing survives the round trip
     assert all(layer.conv.pw2.weight is loaded.layers[0].conv.pw2.weight for layer in loaded.layers)
+
+
+@pytest.mark.parametrize("factor", [4, 6, 8])
+def test_each_front_end_is_counted_exactly_and_maps_lengths_as_the_plan_says(factor):
+    from nas.budget import count
+    from nas.plan import subsampled_frames
+
+    arch = ArchConfig.from_dict({"frontend": {"channels": 8, "subsampling": factor}, "vocab_size": 40,
+                                 "encoder": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 2,
+                                             "conv_kernel": 7}})
+    model = ConformerCTC(arch).eval()
+    assert model.num_params() == count(arch).physical
+    lengths = torch.tensor([200, 137, 61])
+    feats = torch.randn(3, 200, 80)
+    with torch.no_grad():
+        log_probs, out = model(feats, lengths)
+    want = [subsampled_frames(int(n), factor) for n in lengths]
+    assert out.tolist() == want and log_probs.shape[1] == want[0]
+    # the frame rate each factor promises: 200 frames (2 s) give about 200 / factor
+    assert abs(want[0] - 200 / factor) <= 2

@@ -1,0 +1,53 @@
+"""Benchmarks. Each prints figures measured in one run, as ratios against a reference measured
+in the same run (these machines are noisy, so no absolute threshold is ever asserted), and
+adds them to ``results/bench.json`` and ``results/bench.md``.
+
+- ``budget``, ``train`` (:mod:`nas.bench.speed`): the budget arithmetic against building each
+  model; our training step against torchaudio's Conformer, and low rank against full rank.
+- ``search`` (:mod:`nas.bench.search`): TPE against random sampling, parallel workers, overhead.
+- ``learn`` (:mod:`nas.bench.learn`): time to accuracy of today's recipe against the old one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+
+from nas.files import atomic_write
+
+
+# name -> (module of nas.bench, function): imported on use, since each pulls in heavy parts.
+BENCHMARKS = {"budget": ("speed", "bench_budget"), "train": ("speed", "bench_train"),
+              "search": ("search", "bench_search"), "learn": ("learn", "bench_learn")}
+
+
+def run(which: str, out_dir: Path, search: dict | None = None) -> dict:
+    """Run one benchmark or all; ``search`` overrides :func:`bench_search`'s arguments."""
+    names = list(BENCHMARKS) if which == "all" else [which]
+    overrides = {"search": {"results": out_dir / "bench-search"} | (search or {}),
+                 "learn": {"results": out_dir / "bench-learn"}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bench.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name in names:
+        print(f"== bench {name}", flush=True)
+        module, function = BENCHMARKS[name]
+        bench = getattr(importlib.import_module(f"nas.bench.{module}"), function)
+        figures = bench(**overrides.get(name, {}))
+        for key, value in figures.items():
+            print(f"  {key}: {value}")
+        results[name] = figures | {"measured": time.strftime("%Y-%m-%d %H:%M")}
+    atomic_write(path, json.dumps(results, indent=2) + "\n")
+    atomic_write(out_dir / "bench.md", _markdown(results))
+    return results
+
+
+def _markdown(results: dict) -> str:
+    lines = ["# Benchmarks", "", "Written by `nas bench`. Ratios are against a reference measured in the same run.", ""]
+    for name, figures in results.items():
+        lines += [f"## {name}", "", "| figure | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in figures.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,263 @@
+"""The report as one Markdown document, written from the analysis data.
+
+Each section is a function from analysis data (and the name of its PNG, if it has one) to
+Markdown text; :func:`document` joins them under a title. :mod:`nas.report.page` turns the same
+text into HTML. Text that comes from outside (failure reasons, labels, settings) goes through
+:func:`_escape` or :func:`_code`, so it is shown as written and never read as markup.
+
+Proxy values are written in the study's first objective (:class:`~nas.report.analysis.Signal`):
+error rates as percentages, other signals as plain numbers. Full-retrain numbers are WERs.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import groupby
+from pathlib import Path
+
+from nas.describe import layer_map, sharing_in_words
+from nas.report.analysis import (BASELINES, MIN_ROWS_FOR_FIDELITY, WIN_MARGIN, Fidelity, FrontView, Headline,
+                                 Hypervolume, Signal, Summary)
+from nas.report.importance import MIN_TRIALS_FOR_IMPORTANCE, Importance
+from nas.trials import STATES
+
+
+def document(title: str, intro: str, sections: list[str]) -> str:
+    return "\n\n".join([f"# {_escape(title)}", intro, *sections]) + "\n"
+
+
+def intro(settings: dict, budget_bytes: int, dtype: str) -> str:
+    parts = [f"Budget **{budget_bytes:,} B at {dtype}**" + (f" ({_code(settings['budget'])})" if "budget" in settings
+                                                             else "")]
+    for key, words in (("space", "space"), ("data", "data"), ("proxy", "proxy schedule"), ("objectives", "objectives")):
+        if key in settings:
+            value = settings[key]
+            parts.append(f"{words} {_code(', '.join(value) if isinstance(value, list) else value)}")
+    return "; ".join(parts) + "."
+
+
+# ---- sections -----------------------------------------------------------------------------
+
+HEADLINE = "Headline: the searched design against the baselines"
+
+
+def headline_section(h: Headline) -> str:
+    """Full-retrain test WER of the best searched design against the two hand-made baselines."""
+    rows = []
+    for name, r in (("searched (best full dev WER)", h.best), ("unshared Conformer", h.baselines["unshared"]),
+                    ("paper-style hand design", h.baselines["paper"])):
+        if r is None:
+            rows.append([name, "not retrained", "", "", "", "", "", ""])
+            continue
+        vs = "—" if r is h.best else _relative(h.gains[r["label"]]) if h.best else ""
+        rows.append([name, str(r["number"]), f"{r['physical_params']:,}", f"{r['bytes']:,}",
+                     _pct(r["full_dev_wer"]), _pct(r["full_test_wer"]), _pct(r["full_test_cer"]), vs])
+    return _section(HEADLINE, _table(["design", "trial", "params", "bytes", "dev WER", "test WER", "test CER",
+                                      "searched design's test WER vs this"], rows),
+                    f"**{_verdict(h)}**",
+                    "WERs after full retraining. The searched design is the retrained design the search found "
+                    "(no label) with the lowest full dev WER within the budget, so the test set plays no part in "
+                    "choosing it.")
+
+
+def _verdict(h: Headline) -> str:
+    if h.verdict == "no searched design":
+        return "No verdict: no searched design within the budget was retrained in full."
+    if h.verdict == "baseline missing":
+        return f"No verdict: the {' and '.join(h.missing)} baseline was not retrained in full."
+    text = " and ".join(f"{_relative(h.gains[label])} vs {label}" for label in BASELINES)
+    if h.verdict == "nothing learned":
+        return (f"No verdict: every design's test WER is at least 100% ({text}); the retrain schedule was too "
+                "short for any of them to learn to spell words, so these differences mean nothing.")
+    beats = "beats" if h.verdict == "yes" else "does not beat"
+    return (f"{'Yes' if h.verdict == 'yes' else 'No'}: the searched design (trial {h.best['number']}) {beats} both "
+            f"baselines by {'at least ' if h.verdict == 'yes' else ''}{WIN_MARGIN:.0%} relative test WER ({text}).")
+
+
+def how_to_read_section(s: Signal) -> str:
+    return _section("How to read this report", (
+        f"Each point is one design, trained briefly with the proxy schedule and scored by its {s.title} on the dev "
+        "set; the x axis is the exact memory of its stored parameters at the budget's dtype. The **front** "
+        f"holds the designs no other design beats on both {s.title} and memory: these are the ones worth retraining "
+        "in full. Designs over the budget were never trained; they appear only as marks above the plot. "
+        f"Proxy {s.title} values rank designs; they are not what a fully trained model reaches (the proxy-fidelity "
+        "section checks how well the ranking holds). In the layer maps, each letter is one stored block or "
+        "module instance: equal letters in a row are shared weights."))
+
+
+def front_section(v: FrontView, png: str) -> str:
+    n_done = len(v.complete)
+    caption = (f"{_n(n_done, 'design')} trained: {len(v.on_front)} on the front (blue, joined as a step line), "
+               f"{len(v.dominated)} dominated (grey). {_n(len(v.failed), 'failed trial')} not plotted. "
+               f"{_n(len(v.infeasible), 'sample')} over the budget of {v.budget_bytes:,} B at {v.dtype}: never "
+               "trained, shown as red crosses above the plot at their size. Diamonds mark the baselines and other "
+               "labelled designs. Where front points crowd, some numbers are left out; the table below lists them all.")
+    blocks = [_image(png, f"proxy {v.signal.title} against bytes, with the Pareto front"), caption]
+    if v.labelled:
+        on = {r.number for r in v.on_front}
+        blocks.append(_table(["trial", "label", f"bytes {v.dtype}", f"proxy {v.signal.title}", "standing"], [
+            [str(r.number), _escape(r.label), f"{v.size(r):,}", _value(v.signal, v.value(r)),
+             "on the front" if r.number in on else "dominated"] for r in v.labelled]))
+    return _section("The front", *blocks)
+
+
+def pareto_table_section(v: FrontView) -> str:
+    if not v.on_front:
+        return _section("The Pareto designs", "No design has been trained yet.")
+    rows = []
+    for r in v.on_front:
+        enc, b = r.arch.encoder, r.bytes_by_dtype
+        rows.append([str(r.number), _escape(r.label or ""), f"d={enc.d_model} ffn={enc.ffn_dim} h={enc.n_heads} "
+                     f"k={enc.conv_kernel}", f"{r.physical_params:,}", f"{b['fp32']:,}", f"{b['bf16']:,}",
+                     f"{b['int8']:,}", f"{r.macs_per_second / 1e6:.1f}", _value(v.signal, v.value(r)),
+                     sharing_in_words(r.arch)])
+    return _section("The Pareto designs", (
+        f"{_n(len(v.on_front), 'design').capitalize()} on the front, smallest first. Bytes are the stored parameters "
+        "at each dtype; MMACs/s are million multiply-accumulates per second of audio."),
+        _table(["trial", "label", "dimensions", "params", "bytes fp32", "bytes bf16", "bytes int8", "MMACs/s",
+                f"proxy {v.signal.title}", "sharing"], rows))
+
+
+def layer_map_section(v: FrontView) -> str:
+    if not v.on_front:
+        return _section("Layer maps", "No design has been trained yet.")
+    width = max(len(r.name) for r in v.on_front)
+    lines = [f"{r.name.ljust(width)}  {layer_map(r.arch)}" for r in v.on_front]
+    return _section("Layer maps", (
+        "Per virtual layer (left to right): the stored block it runs, then the feed-forward, self-attention and "
+        "convolution module instance it uses. Equal letters are the same stored weights."),
+        "\n".join(["```", *lines, "```"]))
+
+
+def hypervolume_section(h: Hypervolume, png: str) -> str:
+    s, bound = h.signal, _value(h.signal, h.ref[0])
+    text = (f"The hypervolume is the area that the front dominates inside the box bounded by {s.title} {bound} and "
+            f"the budget ({h.ref[1]:,.0f} B at {h.dtype}), as a share of that box: the reference point is "
+            f"({s.title} {bound}, {h.ref[1]:,.0f} B). It grows when a new design joins the front; a long flat "
+            "tail means the last trials found nothing better.")
+    if h.curve:
+        text += f" After {_n(len(h.curve), 'design')}: {h.curve[-1]:.1%}."
+    if h.box_empty:
+        text += f" Every design so far has a {s.title} of {bound} or more, so the front dominates none of the box yet."
+    return _section("Hypervolume against trials", _image(png, "hypervolume after each trained design"), text)
+
+
+def importance_section(imp: Importance, png: str | None) -> str:
+    """How much each design decision explains the proxy signal, over the trained designs."""
+    title, s = "Importance of each design decision", imp.signal.title
+    if imp.too_few:
+        return _section(title, f"Not enough trials ({imp.n}) to estimate importance: at least "
+                               f"{MIN_TRIALS_FOR_IMPORTANCE} trained designs are needed.")
+    if imp.same_value is not None:
+        return _section(title, f"Every one of the {imp.n} trained designs has the same proxy {s} "
+                               f"({_value(imp.signal, imp.same_value)}), so no decision explains a difference: "
+                               "importance is not estimated. A longer proxy schedule would separate the designs.")
+    if not imp.importances:
+        return _section(title, "Importance could not be estimated: " + _escape("; ".join(imp.notes)) + ".")
+    return _section(title, (
+        f"Estimated with Optuna's {imp.evaluator} over the {imp.n} trained designs, for the proxy {s}. "
+        "The decisions are read from each design's ArchConfig (not the space's knobs), so baselines count "
+        "and a decision is defined for every design: a full-rank family has rank 0, an unshared level "
+        "has as many stored blocks or modules as layers. Decisions that never varied are left out; decisions that "
+        "moved together (a family's input and output rank, say) share the credit, and importance is not "
+        "causation." + ("".join(" " + _escape(n) for n in imp.notes))),
+        _image(png, "importance of each design decision"),
+        _table(["decision", "importance"], [[n, f"{v:.1%}"] for n, v in imp.importances.items()]))
+
+
+def fidelity_section(f: Fidelity, signal: Signal, png: str | None) -> str:
+    """Does the proxy rank designs as full training does? Kendall τ and Spearman ρ."""
+    n = len(f.rows)
+    if not f.measured:
+        why = "no design has been retrained in full" if not n else \
+            f"only {n} design{'s were' if n > 1 else ' was'} retrained in full"
+        return _section("Proxy fidelity", f"Not measured: {why}; rank correlations need at least "
+                                          f"{MIN_ROWS_FOR_FIDELITY}.")
+    undefined = math.isnan(f.tau) or math.isnan(f.rho)
+    return _section("Proxy fidelity",
+                    _table(["statistic", "value", "p-value"], [["Kendall τ", _corr(f.tau), _corr(f.tau_p)],
+                                                               ["Spearman ρ", _corr(f.rho), _corr(f.rho_p)]]),
+                    f"Over the {n} retrained designs, between the proxy {signal.title} the search ranked them by and "
+                    "the dev WER after full retraining. Close to 1: the proxy orders designs as full training does; "
+                    "near 0 or negative: the proxy's ranking says little."
+                    + (" A value is undefined (n/a) when one side does not vary." if undefined else ""),
+                    _image(png, f"proxy {signal.title} against full dev WER"))
+
+
+def summary_section(s: Summary) -> str:
+    t = s.tally
+    if not t.counts:
+        return _section("Search summary", "The study has no trials yet.")
+    blocks = [_table(["state", "trials", "meaning"], [[state, str(t[state]), meaning]
+                                                      for state, meaning in STATES.items() if t[state]])]
+    if t.samples:
+        blocks.append(f"{t['infeasible']} of {t.samples} samples ({t.infeasible_share:.1%}) were over the budget.")
+    if s.failures:
+        blocks.append(_table(["failure reason", "trials"],
+                             [[_escape(reason), ", ".join(map(str, numbers))] for reason, numbers in s.failures]))
+    if s.span_s is None:
+        blocks.append("No trial has finished yet.")
+    else:
+        blocks.append(f"Total time: {_duration(s.span_s)} from the first trial's start to the last one's end; the "
+                      f"trained trials ran {_duration(s.busy_s)} in all (summed over parallel workers)"
+                      + (f", of which {_duration(s.train_s)} training." if s.train_s else "."))
+    return _section("Search summary", *blocks)
+
+
+# ---- Markdown -----------------------------------------------------------------------------
+
+def _section(title: str, *blocks: str) -> str:
+    return "\n\n".join([f"## {title}", *blocks])
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([row(header), row(["---"] * len(header)), *map(row, rows)])
+
+
+def _image(png: str | Path, alt: str) -> str:
+    return f"![{alt}]({Path(png).name})"
+
+
+def _escape(text: str) -> str:
+    """Outside text as itself: Markdown's marks backslash-escaped, ``<`` and ``&`` as entities."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;")
+    return "".join("\\" + c if c in "\\`*_[]" else c for c in text)
+
+
+def _code(text: str) -> str:
+    """``text`` as inline code: a code span holds any text but a run of backticks as long as its fence."""
+    text = str(text)
+    longest = max((len(list(run)) for c, run in groupby(text) if c == "`"), default=0)
+    pad = " " if longest else ""
+    return f"{'`' * (longest + 1)}{pad}{text}{pad}{'`' * (longest + 1)}"
+
+
+def _value(s: Signal, x: float) -> str:
+    return _pct(x) if s.is_rate else f"{x:.4g}"
+
+
+def _relative(g: float) -> str:
+    return "higher (baseline WER is 0)" if math.isinf(g) else f"{g:.1%} lower" if g >= 0 else f"{-g:.1%} higher"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 design``, ``3 designs``... for captions."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _corr(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"

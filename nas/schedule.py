@@ -1,0 +1,75 @@
+"""Training schedules: named recipes in ``nas/schedules/*.yaml``, or a user's YAML file.
+
+A schedule says how a design is trained (steps, batch size, learning rate curve, regularization,
+tokens, evaluation) and nothing about the design itself. ``proxy`` ranks designs during a search,
+``full`` retrains a chosen one, ``demo`` is the main job's shorter retrain and ``tiny`` is for tests;
+each file's header says what it reaches and in how long.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nas.config import user_error
+from nas.errors import UserError
+from nas.files import read_yaml
+
+SCHEDULES = Path(__file__).with_name("schedules")
+
+
+class _Augment(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    freq_masks: int = Field(2, ge=0)
+    freq_width: int = Field(15, ge=0)
+    time_masks: int = Field(2, ge=0)
+    time_width_ratio: float = Field(0.05, ge=0, le=1)
+
+
+class Schedule(BaseModel):
+    """A named training recipe, read from ``nas/schedules/<name>.yaml`` or a user's YAML file.
+
+    ``batch_frames`` counts padded 10 ms log-mel frames per batch. The learning rate warms up
+    linearly for ``warmup_steps``, then decays along a cosine to ``final_lr_ratio`` of its peak.
+    ``sort_first_steps`` steps take their batches shortest first (SortaGrad, Amodei et al. 2016),
+    the rest in a shuffled order. ``eval_every`` steps the dev set (its first ``eval_utterances``)
+    is decoded greedily. ``decode`` says how the final evaluation decodes: ``greedy``, or ``beam``
+    (beam search with a lexicon and a word ``lm_order``-gram LM built from the training
+    transcripts, its LM weight tuned on dev; the greedy figures are reported beside it).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    steps: int = Field(gt=0)
+    batch_frames: int = Field(gt=0)
+    peak_lr: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    final_lr_ratio: float = Field(ge=0, le=1)
+    weight_decay: float = Field(ge=0)
+    grad_clip: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    specaugment: _Augment = _Augment()
+    sort_first_steps: int = Field(0, ge=0)
+    eval_every: int = Field(gt=0)
+    eval_utterances: int | None = Field(None, gt=0)
+    tokenizer: Literal["char", "unigram", "bpe"] = "char"
+    decode: Literal["greedy", "beam"] = "greedy"
+    lm_order: int = Field(3, ge=1, le=6)
+    seed: int = 0
+
+
+def load_schedule(name_or_path: str | Path) -> Schedule:
+    """A built-in schedule by name (``proxy``, ``full``, ``demo``, ``tiny``) or a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCHEDULES / f"{name_or_path}.yaml"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in SCHEDULES.glob("*.yaml")))
+            raise UserError("--schedule", "", f"no schedule named {str(name_or_path)!r} (built in: {names}; or a .yaml path)")
+    doc = read_yaml(path)
+    try:
+        return Schedule.model_validate(doc)
+    except ValidationError as exc:
+        raise user_error(str(path), exc) from None

@@ -1,0 +1,43 @@
+"""The job a worker gets and the run directory it trains in."""
+
+import json
+import random
+
+from nas.config import ArchConfig
+from nas.schedule import load_schedule
+from nas.workers import run_key
+
+DESIGN = "search_spaces/designs/paper-style.json"
+
+
+def shuffled(obj, rng):
+    """The same JSON value with every object's keys in another order."""
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        rng.shuffle(items)
+        return {k: shuffled(v, rng) for k, v in items}
+    if isinstance(obj, list):
+        return [shuffled(v, rng) for v in obj]
+    return obj
+
+
+def test_the_run_key_does_not_depend_on_how_the_config_was_serialized():
+    arch = ArchConfig.load(DESIGN)
+    proxy = load_schedule("proxy")
+    key = run_key(arch, proxy)
+    doc = json.loads(arch.to_json())
+    for seed in range(5):
+        text = json.dumps(shuffled(doc, random.Random(seed)), indent=seed or None)
+        assert run_key(ArchConfig.from_json(text), proxy) == key
+    # defaults left out of the file are the same design, so the same run
+    sparse = {k: v for k, v in doc.items() if k != "schema_version"}
+    assert run_key(ArchConfig.from_dict(sparse), proxy) == key
+
+
+def test_the_run_key_changes_with_the_design_or_the_schedule():
+    arch = ArchConfig.load(DESIGN)
+    proxy = load_schedule("proxy")
+    other = ArchConfig.from_dict(json.loads(arch.to_json()) | {"vocab_size": arch.vocab_size + 1})
+    keys = {run_key(arch, proxy), run_key(other, proxy), run_key(arch, load_schedule("full")),
+            run_key(arch, proxy.model_copy(update={"seed": 1}))}
+    assert len(keys) == 4 and all(len(k) == 16 for k in keys)
