@@ -1,0 +1,84 @@
+"""Time to accuracy: how fast the trainer's ``full`` recipe learns, against the recipe it replaced.
+
+Two designs, both at a 1M-parameter budget: the largest unshared Conformer and the paper-style
+hand design (:mod:`nas.baselines` on ``search_spaces/paper.yaml``). Each is trained with today's
+``full`` schedule and with ``full-v1``, the recipe before it, kept as a named schedule, in the
+same run and on the same machine. Dev CER (greedy, the first ``eval_utterances`` dev utterances)
+is measured every ``eval_audio_s`` seconds of training audio; the time to a target is the training
+time (steps only: evaluations and checkpoints are left out, for both recipes alike) at the first
+evaluation at or below it. The test WER and CER (greedy, and beam search with the lexicon and LM)
+are those at the end of each schedule.
+
+Both recipes run on today's trainer code, so what the code itself gained (a faster step, a faster
+data pipeline) helps the old recipe too and is not in the ratio. Each run lives in
+``results/bench-learn/<design>-<schedule>/`` and resumes from its checkpoint: the benchmark can be
+finished over several sittings by running it again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TARGETS = (0.30, 0.15)
+RECIPES = ("full-v1", "full")  # the reference first
+SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "paper.yaml"
+
+
+def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str, ...] = ("unshared", "paper"),
+                recipes: tuple[str, ...] = RECIPES, budget: str = "1M", data: str = "synth",
+                eval_audio_s: float = 3000, eval_utterances: int = 100, threads: int = 2) -> dict:
+    from nas.baselines import baselines
+    from nas.budget import count, parse_budget
+    from nas.data.corpus import resolve_data
+    from nas.schedule import load_schedule
+    from nas.space import load_space
+    from nas.train import train
+
+    found = dict(baselines(load_space(SPACE), parse_budget(budget)))
+    corpus = resolve_data(data)
+    figures: dict = {"setup": (f"{budget} baselines of paper.yaml, data {data}, {threads} threads; dev CER on the first "
+                               f"{eval_utterances} dev utterances every {eval_audio_s:g} s of training audio; "
+                               "time = training steps only")}
+    for design in designs:
+        arch = found[design]
+        runs = {}
+        for recipe in recipes:
+            s = load_schedule(recipe)
+            s = s.model_copy(update={"eval_every": max(1, round(eval_audio_s * 100 / s.batch_frames)),
+                                     "eval_utterances": eval_utterances})
+            out = Path(results) / f"{design}-{recipe}"
+            done = out / "metrics.json"
+            m = json.loads(done.read_text()) if done.is_file() else train(arch, s, corpus, out, threads=threads)
+            runs[recipe] = m
+            print(f"  {design} {recipe}: {_line(m)}", flush=True)
+        reference, new = recipes[0], recipes[-1]
+        row = {"params": count(arch).physical, "virtual_layers": arch.encoder.n_layers}
+        for recipe, m in runs.items():
+            row[recipe] = _summary(m)
+        for target in TARGETS:
+            old_s, new_s = (row[r][f"train_s_to_cer_{target:.2f}"] for r in (reference, new))
+            row[f"speedup_to_cer_{target:.2f}"] = round(old_s / new_s, 2) if old_s and new_s else None
+        figures[design] = row
+    return figures
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    """Training seconds at the first evaluation with dev CER at or below ``target``."""
+    return next((p["train_s"] for p in curve if p["dev_cer"] <= target), None)
+
+
+def _summary(m: dict) -> dict:
+    out = {f"train_s_to_cer_{t:.2f}": time_to(m["curve"], t) for t in TARGETS}
+    out["train_s"] = m["curve"][-1]["train_s"] if m["curve"] else None
+    out["steps"] = m["steps"]
+    for split in ("dev", "test"):
+        for key in ("wer", "cer", "beam_wer", "beam_cer"):
+            if key in m.get(split, {}):
+                out[f"{split}_{key}"] = round(m[split][key], 4)
+    return out
+
+
+def _line(m: dict) -> str:
+    s = _summary(m)
+    return ", ".join(f"{k} {v}" for k, v in s.items())

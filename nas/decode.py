@@ -1,0 +1,158 @@
+"""CTC decoding: greedy, and beam search with a lexicon and a word n-gram language model.
+
+Greedy decoding takes the best class per frame. Beam search (flashlight-text's lexicon decoder,
+through :func:`torchaudio.models.decoder.ctc_decoder`) only spells words of a lexicon and scores
+them with a word n-gram LM, which fixes the typical error of a small CTC model: the right sounds,
+the wrong spelling. Both come from the **training transcripts only** (:func:`build_lm`); dev and
+test text never enter them, and the LM weight and word score are tuned on dev
+(:func:`tune_decoder`).
+
+An LM directory holds:
+
+- ``lexicon.txt``: each training word and its spelling in the tokenizer's pieces;
+- ``tokens.txt``: the CTC classes in order (blank, the pieces, then ``<sil>``, a class the model
+  never emits: flashlight needs a silence token, and sentencepiece marks word starts inside its
+  pieces instead);
+- ``lm.arpa``: a Kneser-Ney word n-gram LM estimated by arpabo, in the layout KenLM reads;
+- ``lm.json``: what it was built from and with.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nas.data.tokenizer import BLANK, Tokenizer
+from nas.files import atomic_write
+
+LM_FILES = ("lexicon.txt", "tokens.txt", "lm.arpa", "lm.json")
+SIL = "<sil>"
+BLANK_TOKEN = "<blank>"
+
+
+def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, tokenizer: Tokenizer) -> list[str]:
+    """Best class per frame, repeats collapsed, blanks removed. ``log_probs`` ``(B, T, V)``."""
+    best = log_probs.argmax(-1).cpu()
+    texts = []
+    for row, n in zip(best, lengths.tolist()):
+        ids = torch.unique_consecutive(row[:n]).tolist()
+        texts.append(tokenizer.decode([i for i in ids if i != BLANK]))
+    return texts
+
+
+def build_lm(texts: list[str], tokenizer: Tokenizer, out_dir: Path, order: int = 3) -> Path:
+    """Write an LM directory for ``tokenizer`` from normalized training ``texts``; returns it."""
+    from arpabo import ArpaBoLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sentences = [t for t in texts if t]
+    words = sorted({w for t in sentences for w in t.split()})
+    atomic_write(out_dir / "lexicon.txt", "".join(f"{w}\t{' '.join(tokenizer.pieces(w))}\n" for w in words))
+    atomic_write(out_dir / "tokens.txt", "\n".join([BLANK_TOKEN, *tokenizer.piece_list(), SIL]) + "\n")
+    lm = ArpaBoLM(max_order=order, smoothing_method="kneser_ney")
+    for sentence in sentences:
+        lm.read_corpus_line(sentence)
+    with _quiet_stderr():
+        lm.compute()
+    arpa = io.StringIO()
+    lm.write(arpa)
+    atomic_write(out_dir / "lm.arpa", kenlm_layout(arpa.getvalue()))
+    atomic_write(out_dir / "lm.json", json.dumps({
+        "order": order, "smoothing": "kneser_ney (arpabo)", "sentences": len(sentences), "words": len(words),
+        "tokenizer_sha256": tokenizer.sha256, "source": "training transcripts only"}, indent=2) + "\n")
+    return out_dir
+
+
+def kenlm_layout(arpa: str) -> str:
+    """arpabo's ARPA text as KenLM reads it: KenLM wants ``\\data\\`` on the first line (arpabo
+    writes a comment before it) and tabs between an n-gram line's probability, words and backoff
+    (arpabo writes spaces)."""
+    lines = arpa.splitlines()
+    out, order = [], 0
+    for line in lines[lines.index("\\data\\"):]:
+        s = line.strip()
+        if s.startswith("\\") and s.endswith("-grams:"):
+            order = int(s[1:s.index("-")])
+        elif s and order and not s.startswith("\\"):
+            fields = s.split()
+            s = "\t".join([fields[0], " ".join(fields[1:1 + order]), *fields[1 + order:]])
+        out.append(s)
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    """Beam search settings; ``lm_weight`` and ``word_score`` are tuned on dev."""
+
+    beam: int = 50
+    beam_tokens: int = 16  # classes considered per frame
+    lm_weight: float = 1.0
+    word_score: float = 0.0
+
+
+class BeamDecoder:
+    """Lexicon-constrained beam search with the word LM of an LM directory."""
+
+    def __init__(self, lm_dir: Path, settings: BeamSettings = BeamSettings()):
+        from torchaudio.models.decoder import ctc_decoder
+
+        lm_dir = Path(lm_dir)
+        self.settings = settings
+        with _quiet_stderr():  # KenLM prints its loading progress to the C stderr
+            self._decoder = ctc_decoder(
+                lexicon=str(lm_dir / "lexicon.txt"), tokens=str(lm_dir / "tokens.txt"), lm=str(lm_dir / "lm.arpa"),
+                nbest=1, beam_size=settings.beam, beam_size_token=settings.beam_tokens,
+                lm_weight=settings.lm_weight, word_score=settings.word_score,
+                blank_token=BLANK_TOKEN, sil_token=SIL, unk_word="<unk>")
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """Transcripts of ``log_probs`` ``(B, T, V)`` over their ``lengths`` frames."""
+        emissions = torch.cat([log_probs.float().cpu(), torch.full((*log_probs.shape[:2], 1), -1e4)], -1)
+        hyps = self._decoder(emissions.contiguous(), lengths.cpu().to(torch.int32))
+        return [" ".join(h[0].words) if h else "" for h in hyps]
+
+
+def tune_decoder(lm_dir: Path, outputs: list[tuple[torch.Tensor, torch.Tensor]], refs: list[str],
+                 lm_weights=(0.5, 1.0, 1.5, 2.0, 3.0), word_scores=(-1.0, 0.0, 1.0, 2.0),
+                 beam: int = BeamSettings.beam) -> tuple[BeamSettings, float]:
+    """The LM weight and word score with the lowest WER on dev ``outputs`` (batches of
+    ``(log_probs, lengths)``) against ``refs``; returns the settings and that WER."""
+    import jiwer
+
+    best = None
+    for lm_weight in lm_weights:
+        for word_score in word_scores:
+            settings = BeamSettings(beam=beam, lm_weight=lm_weight, word_score=word_score)
+            decoder = BeamDecoder(lm_dir, settings)
+            hyps = [h for lp, n in outputs for h in decoder(lp, n)]
+            wer = jiwer.wer(refs, hyps)
+            if best is None or wer < best[1]:
+                best = (settings, wer)
+    return best
+
+
+@contextmanager
+def _quiet_stderr():
+    """Send what C code writes to stderr (file descriptor 2) to a temporary file instead."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):  # stderr replaced (pytest capture)
+        yield
+        return
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
