@@ -6,7 +6,8 @@
   blocks run three times in a ``cycle``, low-rank feed-forward (rank ``d/4``, shared ``U``) and
   per-layer norms and biases; the largest of that shape that fits.
 
-Both take the vocabulary and mel bins the space fixes, so they compete on equal terms. Where the
+Both take the vocabulary and mel bins the space fixes, and widths the space offers (any multiple of
+16 up to 384 when it names none), so they compete on equal terms. Where the
 space lets the front end vary (its channels, its subsampling), each baseline takes the option that
 leaves the largest design within the budget (ties go to the wider front end): the strongest
 setting that fits, never a fixed one the search could beat by choosing another.
@@ -47,15 +48,33 @@ def _largest(designs: list[dict], budget: Budget) -> ArchConfig | None:
     return max(fitting, key=lambda pa: pa[0])[1] if fitting else None
 
 
+def _widths(space: Space) -> list[list[int]]:
+    """The model widths a baseline may take: the space's own when it names them, else (or when none
+    of those fits) any multiple of 16 up to 384."""
+    named = [d for d in _options(space, "encoder.d_model") if isinstance(d, int)]
+    return [named, list(WIDTHS)] if any(k.name == "encoder.d_model" for k in space.knobs) else [list(WIDTHS)]
+
+
 def unshared(space: Space, budget: Budget) -> ArchConfig | None:
-    return _largest([base | {"encoder": {"d_model": d, "n_heads": 4, "ffn_dim": 4 * d, "conv_kernel": 15,
-                                         "n_layers": layers}}
-                     for base in _commons(space) for d in WIDTHS for layers in range(4, 25)], budget)
+    for widths in _widths(space):
+        found = _largest([base | {"encoder": {"d_model": d, "n_heads": 4, "ffn_dim": 4 * d, "conv_kernel": 15,
+                                              "n_layers": layers}}
+                          for base in _commons(space) for d in widths for layers in range(4, 25)], budget)
+        if found:
+            return found
+    return None
 
 
 def paper_style(space: Space, budget: Budget, repeats: int = 3) -> ArchConfig | None:
+    for widths in _widths(space):
+        if found := _paper_style(space, budget, widths, repeats):
+            return found
+    return None
+
+
+def _paper_style(space: Space, budget: Budget, widths: list[int], repeats: int) -> ArchConfig | None:
     designs = []
-    for base, d in ((base, d) for base in _commons(space) for d in WIDTHS):
+    for base, d in ((base, d) for base in _commons(space) for d in widths):
         low_rank = {"rank": d // 4, "share": "U"}
         for blocks in range(2, 9):
             designs.append(base | {

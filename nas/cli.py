@@ -93,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_count)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search", "learn"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search", "learn", "fidelity"])
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
     b.add_argument("--trials", type=int, default=12, help="search: trials per study (default 12)")
     b.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler (default 3)")
@@ -105,7 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare a corpus").add_subparsers(parser_class=_Parser)
     ds = data.add_parser("synth", help="synthesize the embedded corpus with espeak-ng")
-    ds.add_argument("--hours", type=float, default=3.0, help="training audio (default 3)")
+    ds.add_argument("--hours", type=float, default=None, help="training audio (default 10)")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--out", type=Path, help="default: $NAS_CACHE/synth-<hours>h-seed<seed>")
     ds.set_defaults(run=_data_synth)
@@ -135,7 +135,12 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     se.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     se.add_argument("--proxy", default="proxy", help="the proxy schedule: a name or a YAML file")
-    se.add_argument("--objectives", default="wer,bytes", help="wer,bytes or wer,bytes,macs")
+    se.add_argument("--objectives", default="wer,bytes",
+                    help="a proxy signal (wer, cer, loss, train_loss), bytes, optionally macs")
+    se.add_argument("--fidelity", default="fixed", choices=["fixed", "asha"],
+                    help="fixed: every design trains the proxy; asha: successive halving over rungs")
+    se.add_argument("--rungs", default="1,3,9", help="asha: rungs as multiples of the proxy's steps (default 1,3,9)")
+    se.add_argument("--eta", type=_positive, default=3, help="asha: at most 1/eta of a rung may dominate a promoted design")
     se.add_argument("--enqueue", type=Path, action="append", default=[], help="ArchConfig JSON to add (repeatable)")
     se.add_argument("--no-baselines", action="store_true", help="don't add the built-in baselines")
     se.add_argument("--max-trial-memory", type=_megabytes, metavar="SIZE",
@@ -197,8 +202,9 @@ def _count(args) -> int:
 def _data_synth(args) -> int:
     from nas.data import synth
 
-    out = args.out or synth.default_dir(args.hours, args.seed)
-    synth.build(out, hours=args.hours, seed=args.seed)
+    hours = synth.DEFAULT_HOURS if args.hours is None else args.hours
+    out = args.out or synth.default_dir(hours, args.seed)
+    synth.build(out, hours=hours, seed=args.seed)
     print(f"synth corpus in {out}: train.jsonl, dev.jsonl, test.jsonl")
     return 0
 
@@ -236,21 +242,22 @@ def _search(args) -> int:
     from nas.budget import parse_budget
     from nas.search import SearchSettings, run_search
     from nas.space import load_space
+    from nas.study import parse_objectives
     from nas.schedule import load_schedule
 
     space = load_space(args.space)
     budget = parse_budget(args.budget) if args.budget else space.budget
     if budget is None:
         raise UserError(str(args.space), "budget", "no budget in the space file; give --budget")
-    objectives = tuple(args.objectives.split(","))
-    if objectives not in (("wer", "bytes"), ("wer", "bytes", "macs")):
-        raise UserError("--objectives", "", f"{args.objectives!r}: expected wer,bytes or wer,bytes,macs")
+    objectives = parse_objectives(args.objectives)
+    rungs = _rungs(args.rungs, args.eta)
     load_schedule(args.proxy)  # a bad schedule is refused before anything starts
     _log_file(args.results / (args.study or space.name))
     run_search(SearchSettings(
         space=space, budget=budget, trials=args.trials, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
         sampler=args.sampler, seed=args.seed, study=args.study or space.name, storage=args.storage,
-        address=args.address, data=args.data, proxy=args.proxy, objectives=objectives, enqueue=args.enqueue,
+        address=args.address, data=args.data, proxy=args.proxy, objectives=objectives, fidelity=args.fidelity,
+        rungs=rungs, enqueue=args.enqueue,
         baselines=not args.no_baselines, results=args.results, max_trial_memory_mb=args.max_trial_memory))
     return 0
 
@@ -279,6 +286,20 @@ def _megabytes(text: str) -> float:
     if not nbytes:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 800MB or 6GB")
     return nbytes / 1e6
+
+
+def _rungs(text: str, eta: int):
+    from nas.asha import Rungs
+
+    try:
+        multiples = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        multiples = ()
+    if len(multiples) < 2 or multiples[0] < 1 or any(b <= a or b % multiples[0] for a, b in zip(multiples, multiples[1:])):
+        raise UserError("--rungs", "", f"{text!r}: expected increasing multiples of the first, such as 1,3,9")
+    if eta < 2:
+        raise UserError("--eta", "", f"{eta} must be at least 2")
+    return Rungs(multiples, eta)
 
 
 def _positive(text: str) -> int:

@@ -93,8 +93,9 @@ def kenlm_layout(arpa: str) -> str:
 class BeamSettings:
     """Beam search settings; ``lm_weight`` and ``word_score`` are tuned on dev."""
 
-    beam: int = 50
-    beam_tokens: int = 16  # classes considered per frame
+    beam: int = 32
+    beam_tokens: int = 10  # classes considered per frame
+    beam_threshold: float = 25.0  # hypotheses this far below the best are dropped
     lm_weight: float = 1.0
     word_score: float = 0.0
 
@@ -111,7 +112,7 @@ class BeamDecoder:
             self._decoder = ctc_decoder(
                 lexicon=str(lm_dir / "lexicon.txt"), tokens=str(lm_dir / "tokens.txt"), lm=str(lm_dir / "lm.arpa"),
                 nbest=1, beam_size=settings.beam, beam_size_token=settings.beam_tokens,
-                lm_weight=settings.lm_weight, word_score=settings.word_score,
+                beam_threshold=settings.beam_threshold, lm_weight=settings.lm_weight, word_score=settings.word_score,
                 blank_token=BLANK_TOKEN, sil_token=SIL, unk_word="<unk>")
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -122,7 +123,7 @@ class BeamDecoder:
 
 
 def tune_decoder(lm_dir: Path, outputs: list[tuple[torch.Tensor, torch.Tensor]], refs: list[str],
-                 lm_weights=(0.5, 1.0, 1.5, 2.0, 3.0), word_scores=(-1.0, 0.0, 1.0, 2.0),
+                 lm_weights=(0.5, 1.0, 1.5, 2.0), word_scores=(-1.0, 0.0, 1.0, 2.0),
                  beam: int = BeamSettings.beam) -> tuple[BeamSettings, float]:
     """The LM weight and word score with the lowest WER on dev ``outputs`` (batches of
     ``(log_probs, lengths)``) against ``refs``; returns the settings and that WER."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 
 from nas.files import atomic_write
+from nas.study import SIGNALS
 from nas.trials import TrialRecord, objectives_of, record, records, retried_numbers, state_of
 
 # The box's bound for the proxy signal. Error rates of barely trained models sit around 1.0 and
@@ -121,9 +122,14 @@ def trial_line(study: optuna.Study, number: int) -> str:
     """``trial 7: WER 0.412, 3,881,600 B fp32, feasible, on the front``."""
     r = next(r for r in records(study) if r.number == number)
     label = f" ({r.label})" if r.label else ""
+    signal = objectives_of(study)[0]
+    name = signal.upper() if len(signal) <= 3 else signal
+    if r.state == "pruned" and r.curve:  # stopped at a rung of successive halving
+        last = r.curve[-1]
+        return (f"trial {r.number}{label}: {name} {last[SIGNALS[signal]]:.3f} at step {last['step']}, "
+                f"{r.bytes:,} B {r.dtype}, stopped at a rung")
     if r.state != "complete":
         return f"trial {r.number}{label}: {r.state.upper()}: {r.fail_reason or ''}"
     on = r.number in {b.number for b in study.best_trials}
-    signal, value = next(iter(r.values.items()))
-    return (f"trial {r.number}{label}: {signal.upper() if len(signal) <= 3 else signal} {value:.3f}, "
+    return (f"trial {r.number}{label}: {name} {r.values[signal]:.3f}, "
             f"{r.bytes:,} B {r.dtype}, feasible, {'on the front' if on else 'dominated'}")

@@ -22,7 +22,8 @@ from nas.errors import UserError
 from nas.files import atomic_write
 from nas.pareto import front
 from nas.trials import TrialRecord, records
-from nas.workers import Job, init_ray, prepare_data, run_dir, run_on_ray, schedule_ref
+from nas.schedule import load_schedule
+from nas.workers import Job, init_ray, prepare_data, run_dir, run_on_ray
 
 BASELINES = ("unshared", "paper")  # the labels nas.baselines gives its designs
 
@@ -64,9 +65,9 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
     corpus, corpus_line = prepare_data(settings["data"])
     print(corpus_line, flush=True)
     chosen = designs_to_retrain(study, top)
-    jobs = [Job(arch=r.arch, schedule=schedule_ref(schedule), corpus=corpus,
-                run_dir=run_dir(out / "retrain", r.arch, schedule), threads=cpus_per_trial, evaluate_test=True)
-            for r in chosen]
+    recipe = load_schedule(schedule)
+    jobs = [Job(arch=r.arch, schedule=recipe, corpus=corpus, run_dir=run_dir(out / "retrain", r.arch, recipe),
+                threads=cpus_per_trial, evaluate_test=True) for r in chosen]
     todo = [j for j in jobs if not (j.run_dir / "metrics.json").is_file()]
     print(f"retraining {len(todo)} of {len(chosen)} designs with the {schedule} schedule "
           f"({len(chosen) - len(todo)} already done); {workers} workers x {cpus_per_trial} CPU", flush=True)
@@ -86,13 +87,21 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
 
 
 def _row(r: TrialRecord, job: Job, schedule: str) -> dict:
+    """What ``retrained.json`` says of one design. Its full WERs are those of the schedule's final
+    decoding (beam search with the LM when it decodes so), the greedy ones beside them."""
     metrics_path = job.run_dir / "metrics.json"
     m = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+
+    def wer(split: str, key: str) -> float | None:
+        return None if m is None else m[split].get(f"beam_{key}", m[split][key])
+
     return {
         "number": r.number, "label": r.label,
-        "proxy_wer": next(iter(r.values.values())) if r.values else None,
-        "full_dev_wer": m["dev"]["wer"] if m else None, "full_test_wer": m["test"]["wer"] if m else None,
-        "full_test_cer": m["test"]["cer"] if m else None, "bytes": r.bytes,
+        "proxy_wer": next(iter(r.values.values())) if r.values else None,  # the proxy signal's value
+        "full_dev_wer": wer("dev", "wer"), "full_test_wer": wer("test", "wer"), "full_test_cer": wer("test", "cer"),
+        "full_test_wer_greedy": m["test"]["wer"] if m else None, "full_test_cer_greedy": m["test"]["cer"] if m else None,
+        "decoding": None if m is None else ("beam + lexicon + LM" if "beam_wer" in m["test"] else "greedy"),
+        "bytes": r.bytes,
         "bytes_by_dtype": r.bytes_by_dtype, "physical_params": r.physical_params,
         "arch": r.arch.model_dump(mode="json"), "run_dir": str(job.run_dir), "schedule": schedule,
     }

@@ -23,15 +23,17 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from tqdm import tqdm
 
+from nas.asha import RungScheduler, Rungs
 from nas.budget import Budget
 from nas.data.corpus import Corpus, check_data
 from nas.errors import UserError
+from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
     HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
 )
 from nas.trials import records, tally
-from nas.workers import Job, check_reachable, init_ray, prepare_data, run_dir, run_on_ray, schedule_ref
+from nas.workers import Job, check_reachable, init_ray, prepare_data, run_dir, run_on_ray
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,13 @@ class SearchSettings:
     data: str = "synth"
     proxy: str = "proxy"
     objectives: tuple[str, ...] = ("wer", "bytes")
+    fidelity: str = "fixed"  # "fixed": every design trains the proxy; "asha": successive halving
+    rungs: Rungs = Rungs()
     enqueue: list[Path] = field(default_factory=list)
     baselines: bool = True
     results: Path = Path("results")
     max_trial_memory_mb: float | None = None  # a trial's process holding more is stopped, FAIL
+    time_budget_s: float | None = None  # after this long Tune stops everything (running trials: FAIL)
 
     def __post_init__(self) -> None:
         # Tune runs each trial in its own working directory: every path handed to it is absolute.
@@ -63,6 +68,11 @@ class SearchSettings:
     @property
     def out(self) -> Path:
         return self.results / self.study
+
+    def trial_schedule(self) -> Schedule:
+        """What each design trains: the proxy, or under ASHA the proxy stretched to its last rung."""
+        proxy = load_schedule(self.proxy)
+        return self.rungs.schedule(proxy) if self.fidelity == "asha" else proxy
 
 
 class BudgetSearcher(Searcher):
@@ -80,6 +90,7 @@ class BudgetSearcher(Searcher):
         self.study, self.storage, self.gate, self.settings, self.corpus = study, storage, gate, settings, corpus
         self.on_finish = on_finish
         self.live: dict[str, optuna.Trial] = {}
+        self.schedule = settings.trial_schedule()
         self._study_id = storage.get_study_id_from_name(study.study_name)
         threading.Thread(target=self._beat_forever, daemon=True).start()
 
@@ -93,8 +104,8 @@ class BudgetSearcher(Searcher):
         cand = self.gate.next_feasible()
         self.live[trial_id] = cand.trial
         self._beat([cand.trial])  # at once: a trial with no heartbeat is never found stale if this driver dies
-        job = Job(arch=cand.arch, schedule=schedule_ref(self.settings.proxy), corpus=self.corpus,
-                  run_dir=run_dir(self.settings.out / "trials", cand.arch, self.settings.proxy),
+        job = Job(arch=cand.arch, schedule=self.schedule, corpus=self.corpus,
+                  run_dir=run_dir(self.settings.out / "trials", cand.arch, self.schedule),
                   threads=self.settings.cpus_per_trial, max_memory_mb=self.settings.max_trial_memory_mb)
         cand.trial.set_user_attr("run_dir", str(job.run_dir))
         return {"job": job}
@@ -103,15 +114,28 @@ class BudgetSearcher(Searcher):
         trial = self.live.get(trial_id)
         # Intermediate points only: the final report and a failed trial's report are told at the end.
         if trial is not None and "step" in result and "error" not in result and not result.get("final"):
-            point = {k: result[k] for k in POINT_KEYS if k in result}
-            trial.set_user_attr("curve", [*trial.user_attrs.get("curve", []), point])
+            self.record_point(trial, result)
+
+    def record_point(self, trial: optuna.Trial, result: dict) -> None:
+        """Add an evaluation point to the trial's ``curve`` (once per step: the rung scheduler may
+        have recorded it already)."""
+        curve = trial.user_attrs.get("curve", [])
+        if all(p["step"] != result["step"] for p in curve):
+            trial.set_user_attr("curve", [*curve, {k: result[k] for k in POINT_KEYS if k in result}])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self.live.pop(trial_id, None)
         if trial is None:
             return
-        if error or not result or not result.get("final"):
-            reason = (result or {}).get("error") or "the trial's process failed (worker died or Ray error)"
+        if not error and result and "stopped" in trial.user_attrs.get("rungs", {}).values():
+            # Stopped by successive halving at a rung: PRUNED, never COMPLETE, so the sampler does not
+            # take a half-trained score for a final one; its points stay in its curve.
+            trial.set_user_attr("stopped_at_step", result.get("step"))
+            self.study.tell(trial, state=TrialState.PRUNED)
+        elif error or not result or not result.get("final"):
+            reason = (result or {}).get("error") or (
+                "stopped before the end (the search's time budget ran out)" if result and not error else
+                "the trial's process failed (worker died or Ray error)")
             trial.set_user_attr("fail_reason", reason)
             self.study.tell(trial, state=TrialState.FAIL)
         else:
@@ -165,7 +189,9 @@ def run_search(s: SearchSettings) -> optuna.Study:
     print(corpus_line, flush=True)
     init_ray(s.address)
     record = {"space": s.space.name, "budget": s.budget.text, "objectives": list(s.objectives),
-              "data": s.data, "proxy": s.proxy}
+              "data": s.data, "proxy": s.proxy, "fidelity": s.fidelity,
+              "rungs": list(s.rungs.multiples) if s.fidelity == "asha" else None,
+              "eta": s.rungs.eta if s.fidelity == "asha" else None}
     seed = None if s.seed is None else s.seed + _n_trials(s.study, storage)  # a resumed run draws anew
     study = open_study(s.study, storage, s.objectives, s.sampler, seed, record)
     for label, arch in (baselines(s.space, s.budget) if s.baselines else []) + enqueued:
@@ -183,8 +209,10 @@ def run_search(s: SearchSettings) -> optuna.Study:
         bar.update(1)
 
     searcher = BudgetSearcher(study, storage, BudgetGate(study, s.space, s.budget), s, corpus, on_finish)
+    scheduler = RungScheduler(searcher, load_schedule(s.proxy), s.rungs) if s.fidelity == "asha" else None
     if t.done < s.trials:
-        run_on_ray(s.out, s.study, s.workers, s.cpus_per_trial, searcher=searcher)
+        run_on_ray(s.out, s.study, s.workers, s.cpus_per_trial, searcher=searcher, scheduler=scheduler,
+                   time_budget_s=s.time_budget_s)
     bar.close()
     pareto.write_outputs(study, s.out)
     t = tally(records(study))

@@ -29,11 +29,24 @@ from nas.errors import UserError
 from nas.space import Space
 from nas.trials import BUDGET_KEY
 
-# Proxy signals a trial's final report carries, by objective name (all minimized), then sizes.
-SIGNALS = {"wer": "dev_wer", "cer": "dev_cer"}
-OBJECTIVES = (*SIGNALS, "bytes", "macs")
+# The proxy signals, by objective name (all minimized), and their key in a trial's evaluation
+# points and final report: dev WER, CER and CTC loss per token (greedy decoding, the schedule's
+# dev subset), and the mean training loss over the whole run (Ru et al. 2020's sum of losses).
+SIGNALS = {"wer": "dev_wer", "cer": "dev_cer", "loss": "dev_loss", "train_loss": "train_loss_mean"}
+SIZES = ("bytes", "macs")
 # What an intermediate evaluation point of a trial keeps (its Optuna user attr ``curve``).
-POINT_KEYS = ("step", "train_loss", "dev_wer", "dev_cer", "lr", "elapsed_s")
+POINT_KEYS = ("step", "train_loss", "train_loss_mean", "dev_wer", "dev_cer", "dev_loss", "lr", "elapsed_s",
+              "train_s")
+
+
+def parse_objectives(text: str) -> tuple[str, ...]:
+    """``SIGNAL,bytes[,macs]``: a proxy signal first, then the sizes."""
+    objectives = tuple(o.strip() for o in text.split(","))
+    if len(objectives) < 2 or objectives[0] not in SIGNALS or objectives[1] != "bytes" or \
+            not set(objectives[2:]) <= {"macs"} or len(set(objectives)) != len(objectives):
+        raise UserError("--objectives", "", f"{text!r}: expected a proxy signal ({', '.join(SIGNALS)}), then bytes, "
+                        "and optionally macs (e.g. loss,bytes)")
+    return objectives
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 # A running trial records a heartbeat this often; one silent for GRACE seconds is stale.
 HEARTBEAT_S = int(os.environ.get("NAS_HEARTBEAT_S", "10"))

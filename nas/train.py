@@ -24,6 +24,7 @@ from typing import Callable
 import jiwer
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from nas.budget import count
@@ -97,9 +98,13 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, schedule))
     state = {"step": 0, "curve": [], "nonfinite": 0, "train_seconds": 0.0, "step_seconds": 0.0, "audio_seconds": 0.0,
              "loss_total": 0.0, "loss_count": 0}
+    # The weights evaluated and saved: an exponential moving average of the trained ones when the
+    # schedule asks (Polyak averaging; icefall's "averaged model"): at a high learning rate the average
+    # decodes far better than the last step's weights.
+    ema = AveragedModel(model, avg_fn=_ema(schedule.ema), use_buffers=True) if schedule.ema else None
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
-        state = _resume(ckpt, arch, schedule, model, opt, sched)
+        state = _resume(ckpt, arch, schedule, model, opt, sched, ema)
         state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
         log.info("resuming %s at step %d", out, state["step"])
 
@@ -145,6 +150,8 @@ def train(
                              f"over its guard of {max_memory_mb:,.0f} MB")
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         state["step"] += 1
         state["audio_seconds"] += float(batch.feat_lens.sum()) / 100
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
@@ -153,7 +160,7 @@ def train(
         state["step_seconds"] += time.perf_counter() - t_step
         bar.update(1)
         if state["step"] % schedule.eval_every == 0 or state["step"] == schedule.steps:
-            dev = evaluate(model, dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
+            dev = evaluate(_weights(model, ema), dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
             state["train_seconds"] = time.perf_counter() - t_start
             point = {"step": state["step"], "train_loss": loss_sum / max(loss_n, 1),
                      "train_loss_mean": state["loss_total"] / state["loss_count"], "dev_wer": dev["wer"],
@@ -162,13 +169,14 @@ def train(
             state["curve"].append(point)
             loss_sum, loss_n = 0.0, 0
             bar.set_postfix(loss=f"{point['train_loss']:.3f}", dev_wer=f"{dev['wer']:.3f}")
-            _save(ckpt, arch, schedule, model, opt, sched, state)
+            _save(ckpt, arch, schedule, model, opt, sched, state, ema)
             if callback is not None and callback(state["step"], point):
                 stopped_early = True
     bar.close()
     state["train_seconds"] = time.perf_counter() - t_start
 
     metrics = _final_metrics(arch, schedule, state, stopped_early, device, tokenizer)
+    model = _weights(model, ema)  # what is evaluated and saved from here on
     dev = forward(model, dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
     decoder = None
     if schedule.decode == "beam" and not stopped_early:
@@ -251,7 +259,8 @@ def _beam_decoder(lm_dir: Path, train_texts: list[str], tokenizer: Tokenizer, sc
     build_lm(train_texts, tokenizer, lm_dir, schedule.lm_order)
     built = time.perf_counter() - t0
     settings, dev_wer = tune_decoder(lm_dir, dev.batches, dev.refs)
-    record = {"beam": settings.beam, "beam_tokens": settings.beam_tokens, "lm_weight": settings.lm_weight,
+    record = {"beam": settings.beam, "beam_tokens": settings.beam_tokens, "beam_threshold": settings.beam_threshold,
+              "lm_weight": settings.lm_weight,
               "word_score": settings.word_score, "tuned_on": f"dev ({dev.utterances} utterances)",
               "tuned_dev_wer": dev_wer, "lm": json.loads((lm_dir / "lm.json").read_text()),
               "lm_build_s": round(built, 1), "tune_s": round(time.perf_counter() - t0 - built, 1)}
@@ -281,22 +290,40 @@ def _tokenizer(out: Path, texts: list[str], vocab_size: int, model_type: str) ->
         raise UserError("arch", "vocab_size", str(exc)) from None
 
 
-def _save(path: Path, arch, schedule, model, opt, sched, state) -> None:
+def _ema(decay: float):
+    """The moving average's update, with its decay warmed up as in TensorFlow's
+    ExponentialMovingAverage: ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the first
+    steps' weights fade fast."""
+    def update(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return averaged + (current - averaged) * (1 - d)
+    return update
+
+
+def _weights(model: ConformerCTC, ema: AveragedModel | None) -> ConformerCTC:
+    return model if ema is None else ema.module
+
+
+def _save(path: Path, arch, schedule, model, opt, sched, state, ema=None) -> None:
     with atomic_path(path) as tmp:  # a run killed while saving keeps the previous checkpoint
         torch.save({"arch": arch.to_json(), "schedule": schedule.model_dump(), "model": model.stored_state(),
                     "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
+                    "ema": None if ema is None else {"model": ema.module.stored_state(), "n": ema.n_averaged},
                     "rng": torch.get_rng_state()}, tmp)
 
 
-def _resume(path: Path, arch, schedule, model, opt, sched) -> dict:
+def _resume(path: Path, arch, schedule, model, opt, sched, ema=None) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises pickle, zip and EOF errors for damaged files
         raise UserError(str(path), "", f"cannot read this checkpoint ({type(exc).__name__}); delete it to start "
                         "the run over") from None
-    if ck["arch"] != arch.to_json() or ck["schedule"] != schedule.model_dump():
+    if ArchConfig.from_json(ck["arch"]) != arch or ck["schedule"] != schedule.model_dump():
         raise UserError(str(path), "", "holds a run of another design or schedule; use another --out")
     model.load_state_dict(ck["model"], strict=False)
+    if ema is not None:
+        ema.module.load_state_dict(ck["ema"]["model"], strict=False)
+        ema.n_averaged.copy_(ck["ema"]["n"])
     opt.load_state_dict(ck["opt"])
     sched.load_state_dict(ck["sched"])
     torch.set_rng_state(ck["rng"])
@@ -316,6 +343,7 @@ def _final_metrics(arch, schedule, state, stopped_early, device, tokenizer) -> d
         "train_seconds": round(state["train_seconds"], 1),
         "audio_seconds_per_second": round(state["audio_seconds"] / max(state["train_seconds"], 1e-9), 1),
         "nonfinite_batches": state["nonfinite"],
+        "train_loss_mean": state["loss_total"] / max(state["loss_count"], 1),  # over the whole run
         "resumed_at_steps": state.get("resumed_at", []),  # a run killed and continued from its checkpoint
         "device": str(device),
         "threads": torch.get_num_threads(),

@@ -25,7 +25,7 @@ from pathlib import Path
 from nas.config import ArchConfig
 from nas.data.corpus import Corpus, resolve_data
 from nas.errors import UserError
-from nas.schedule import Schedule, load_schedule
+from nas.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Job:
 
     Attributes:
         arch: the design.
-        schedule: a built-in schedule's name or a schedule file's absolute path.
+        schedule: the training schedule.
         corpus: the corpus, its features already computed (:func:`prepare_data`).
         run_dir: where the trainer checkpoints and writes its results (absolute).
         threads: torch threads (the CPUs Tune reserves for the trial).
@@ -43,7 +43,7 @@ class Job:
     """
 
     arch: ArchConfig
-    schedule: str
+    schedule: Schedule
     corpus: Corpus
     run_dir: Path
     threads: int = 1
@@ -59,14 +59,9 @@ def run_key(arch: ArchConfig, schedule: Schedule) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def run_dir(parent: Path, arch: ArchConfig, schedule: str) -> Path:
+def run_dir(parent: Path, arch: ArchConfig, schedule: Schedule) -> Path:
     """``parent/<run_key>``, absolute: Tune runs each trial in a working directory of its own."""
-    return Path(parent).resolve() / run_key(arch, load_schedule(schedule))
-
-
-def schedule_ref(schedule: str) -> str:
-    """A built-in schedule's name as it is; a schedule file's path made absolute (see run_dir)."""
-    return str(Path(schedule).resolve()) if Path(schedule).suffix else schedule
+    return Path(parent).resolve() / run_key(arch, schedule)
 
 
 def trainable(config: dict) -> None:
@@ -86,7 +81,7 @@ def trainable(config: dict) -> None:
     torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
     try:
-        metrics = train(job.arch, load_schedule(job.schedule), job.corpus, job.run_dir, threads=job.threads,
+        metrics = train(job.arch, job.schedule, job.corpus, job.run_dir, threads=job.threads,
                         progress=False, evaluate_test=job.evaluate_test, max_memory_mb=job.max_memory_mb,
                         callback=lambda step, point: tune.report(point))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a failed trial with its reason
@@ -94,12 +89,13 @@ def trainable(config: dict) -> None:
         tune.report({"error": reason[:500]})
         return
     tune.report({"final": True, **{f"dev_{k}": v for k, v in metrics["dev"].items() if isinstance(v, float)},
-                 "step": metrics["steps"], "train_seconds": metrics["train_seconds"],
-                 "trainer_seconds": time.perf_counter() - t0})
+                 "train_loss_mean": metrics["train_loss_mean"], "step": metrics["steps"],
+                 "train_seconds": metrics["train_seconds"], "trainer_seconds": time.perf_counter() - t0})
 
 
-def run_on_ray(out: Path, name: str, workers: int, cpus_per_trial: int, searcher=None,
-               jobs: list[Job] | None = None, on_end: Callable[[Job], None] | None = None) -> None:
+def run_on_ray(out: Path, name: str, workers: int, cpus_per_trial: int, searcher=None, scheduler=None,
+               jobs: list[Job] | None = None, on_end: Callable[[Job], None] | None = None,
+               time_budget_s: float | None = None) -> None:
     """Run trials on Ray Tune: those a ``searcher`` suggests until it says it is finished, or the
     given ``jobs``. At most ``workers`` at once, each with ``cpus_per_trial`` CPUs; a worker that
     dies is retried once. ``on_end(job)`` is called as each trial ends (a progress bar)."""
@@ -115,7 +111,8 @@ def run_on_ray(out: Path, name: str, workers: int, cpus_per_trial: int, searcher
                                 verbose=0, failure_config=tune.FailureConfig(max_failures=1),
                                 callbacks=[Ended()] if on_end else None)
     if searcher is not None:
-        tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=workers)
+        tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,
+                                      max_concurrent_trials=workers, time_budget_s=time_budget_s)
         param_space = None
     else:
         tune_config = tune.TuneConfig(max_concurrent_trials=workers)

@@ -24,6 +24,7 @@ from conftest import TINY_ARCH
 from damage import corrupt_flac
 from nas.config import ArchConfig
 from nas.data.manifest import Utterance, read_manifest, write_manifest
+from nas.budget import parse_budget
 from nas.schedule import load_schedule
 from nas.trials import records, tally
 from nas.workers import run_key
@@ -186,4 +187,4 @@ def test_two_drivers_on_one_study_record_every_trial_once(storage, tiny_corpus_d
                 and "run_dir" in t.user_attrs}
     assert set(printed) == finished and 4 <= len(finished) <= 5  # both drivers may start the last one
     assert not [t for t in s.get_trials() if t.state == TrialState.RUNNING]
-    assert_nothing_over_budget_was_trained(s)
+    assert_nothing_over_budget_was_trained(s, tmp_path / study / "trials", parse_budget("60K"))

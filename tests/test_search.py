@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from nas.budget import parse_budget
 from nas.trials import records, tally
 from searches import assert_nothing_over_budget_was_trained, load, nas_search, run
 
@@ -20,7 +21,7 @@ def test_tiny_search_leaves_a_front_and_trains_nothing_over_budget(tiny_corpus_d
     elapsed = time.monotonic() - t0
     study = load(tmp_path)
     assert tally(records(study)).done == 5
-    assert_nothing_over_budget_was_trained(study)
+    assert_nothing_over_budget_was_trained(study, tmp_path / "t" / "trials", parse_budget("60K"))
     front = json.loads((tmp_path / "t" / "pareto.json").read_text())["front"]
     assert front and all(row["bytes"] <= 60_000 * 4 for row in front)
     with open(tmp_path / "t" / "trials.csv", newline="") as f:

@@ -66,7 +66,7 @@ def resolve_data(spec: str, progress: bool = True) -> Corpus:
     if kind == "synth":
         from nas.data import synth
 
-        hours = float(arg) if arg else 3.0
+        hours = float(arg) if arg else synth.DEFAULT_HOURS
         out = synth.default_dir(hours, 0)
         synth.build(out, hours=hours, progress=progress)
         return _from_dir(spec, out)

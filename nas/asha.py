@@ -1,0 +1,99 @@
+"""Asynchronous successive halving for several objectives (``nas search --fidelity asha``).
+
+A design trains under one long schedule: the proxy stretched to its last rung (``rungs`` times
+its steps, 1x, 3x and 9x by default), evaluated at every multiple of the first rung. When a
+design reaches a rung, its objective vector there (the proxy signal and bytes, and MACs if they
+are objectives) is compared with those of every design that reached the same rung before it, in
+this study and under any driver: the design is **promoted**, and simply trains on from where it
+is, when it is not dominated by more than a ``1/eta`` share of the designs at that rung (MOASHA's
+non-dominated sorting, Schmucker et al. 2021, reduced to counting dominators); otherwise Ray Tune
+stops it and Optuna is told PRUNED, its intermediate values kept in its ``curve``. A design that
+passes every rung trains to the end and is told COMPLETE with its final values.
+
+Decisions live in Optuna storage (each trial's ``curve`` and ``rungs`` user attrs), so a driver
+that dies and is started again, or a second driver on the same study, decides from the same table;
+a retried trial resumes from its checkpoint and is judged at the rungs it had not passed yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from nas.pareto import dominates
+from nas.schedule import Schedule
+from nas.study import SIGNALS
+from nas.trials import records
+
+
+@dataclass(frozen=True)
+class Rungs:
+    """Rungs at ``multiples`` of the base proxy's steps, and the share ``1/eta`` that may dominate."""
+
+    multiples: tuple[int, ...] = (1, 3, 9)
+    eta: int = 3
+
+    def steps(self, base: Schedule) -> tuple[int, ...]:
+        return tuple(base.steps * m for m in self.multiples)
+
+    def schedule(self, base: Schedule) -> Schedule:
+        """The proxy stretched to the last rung: the same recipe, ``multiples[-1]`` times as many
+        steps (its learning rate decays over all of them), evaluated at every first-rung step."""
+        return base.model_copy(update={
+            "name": f"{base.name}-asha{'-'.join(map(str, self.multiples))}",
+            "steps": base.steps * self.multiples[-1], "eval_every": base.steps * self.multiples[0]})
+
+
+def promoted(vector: tuple[float, ...], others: list[tuple[float, ...]], eta: int) -> bool:
+    """Whether a design with objective ``vector`` at a rung goes on, ``others`` being the vectors of
+    the other designs that reached that rung: at most a ``1/eta`` share of all of them (itself
+    included) dominates it."""
+    dominators = sum(dominates(o, vector) for o in others)
+    return dominators <= (len(others) + 1) / eta
+
+
+def vector(point: dict, objectives: tuple[str, ...], sizes: dict) -> tuple[float, ...]:
+    """The objective vector of an evaluation point (signals) and a design's sizes."""
+    return tuple(float(point[SIGNALS[o]]) if o in SIGNALS else float(sizes[o]) for o in objectives)
+
+
+class RungScheduler(FIFOScheduler):
+    """Ray Tune scheduler that stops a trial at a rung where it is not promoted.
+
+    ``searcher`` is the search's :class:`~nas.search.BudgetSearcher`: it maps Tune trials to
+    Optuna trials and records their evaluation points.
+    """
+
+    def __init__(self, searcher, base: Schedule, rungs: Rungs):
+        super().__init__()
+        self.searcher, self.rungs = searcher, rungs
+        self.rung_steps = rungs.steps(base)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        optuna_trial = self.searcher.live.get(trial.trial_id)
+        if optuna_trial is None or "step" not in result or "error" in result or result.get("final"):
+            return TrialScheduler.CONTINUE
+        self.searcher.record_point(optuna_trial, result)
+        return TrialScheduler.CONTINUE if self.judge(optuna_trial, result) else TrialScheduler.STOP
+
+    def judge(self, optuna_trial, result: dict) -> bool:
+        """Decide every rung up to ``result["step"]`` not decided yet; False once one stops it."""
+        objectives = self.searcher.settings.objectives
+        attrs = optuna_trial.user_attrs
+        sizes = {"bytes": attrs["bytes"], "macs": attrs["macs_per_second"]}
+        decided = dict(attrs.get("rungs", {}))
+        for k, step in enumerate(self.rung_steps[:-1]):  # the last rung is the end of training
+            if step > result["step"] or str(k) in decided:
+                continue
+            # Judge at the rung's own point; a trial resumed past it is judged at where it stands.
+            curve = {p["step"]: p for p in attrs.get("curve", [])}
+            mine = vector(curve.get(step, result), objectives, sizes)
+            others = [vector(p, objectives, {"bytes": r.bytes, "macs": r.macs_per_second})
+                      for r in records(self.searcher.study) if r.number != optuna_trial.number
+                      for p in r.curve if p["step"] == step]
+            decided[str(k)] = "promoted" if promoted(mine, others, self.rungs.eta) else "stopped"
+            optuna_trial.set_user_attr("rungs", decided)
+            if decided[str(k)] == "stopped":
+                return False
+        return True

@@ -1,0 +1,183 @@
+"""Proxy fidelity: does a short training rank designs as a long one does?
+
+The designs are fixed and committed (``search_spaces/fidelity.json``): the two baselines of
+``paper.yaml`` at 1M, and designs drawn from ``paper.yaml`` with a fixed seed, two in each quarter
+of 0.2M-1M physical parameters, picked to spread over the four sharing levels. Each design is
+trained three ways:
+
+- the ``proxy`` schedule (what ``--fidelity fixed`` trains);
+- the proxy stretched to the last rung of successive halving (what ``--fidelity asha`` trains);
+  its evaluations at the rungs give the signals at 1x, 3x and 9x the proxy's steps;
+- the reference schedule (``full`` by default), at least ten times the proxy's compute.
+
+For every candidate signal (dev loss per token, dev CER, dev WER, the mean training loss) at every
+proxy length, the benchmark reports Kendall's τ and Spearman's ρ against the reference's dev WER
+(beam search with the LM when the reference decodes so), the proxy's cost as a share of the
+reference's training time, and the τ of ranking by physical parameters alone (more is better),
+the baseline a proxy must beat. Each run lives in ``results/bench-fidelity/runs/`` and resumes:
+the benchmark can be finished over several sittings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DESIGNS = ROOT / "search_spaces" / "fidelity.json"
+SIGNALS = {"loss": "dev_loss", "cer": "dev_cer", "wer": "dev_wer", "train_loss": "train_loss_mean"}
+BINS = ((200_000, 400_000), (400_000, 600_000), (600_000, 800_000), (800_000, 1_000_000))
+
+
+def sharing_levels(arch) -> tuple[str, ...]:
+    """The sharing levels a design uses: blocks, modules, ties, low rank."""
+    sh, L = arch.sharing, arch.encoder.n_layers
+    levels = []
+    if len(set(arch.block_map())) < L:
+        levels.append("blocks")
+    blocks = len(set(arch.block_map()))
+    if any(arch.n_instances(kind) < blocks for kind in ("ffn", "attn", "conv")):
+        levels.append("modules")
+    if any(tied for _, tied in sh.ties):
+        levels.append("ties")
+    if any(getattr(sh.low_rank, f).rank for f in ("ffn_in", "ffn_out", "attn_qkv", "attn_out", "conv_pw")):
+        levels.append("low rank")
+    return tuple(levels)
+
+
+def draw_designs(seed: int = 0, per_bin: int = 2, samples: int = 4000) -> list[dict]:
+    """The baselines, then ``per_bin`` designs of paper.yaml per size bin, spread over sharing levels:
+    in each bin, first the design using the most levels, then the one whose levels differ most."""
+    from nas.baselines import baselines
+    from nas.budget import count, parse_budget
+    from nas.space import load_space
+
+    space, budget = load_space(ROOT / "search_spaces" / "paper.yaml"), parse_budget("1M")
+    out = [{"label": label, "arch": a.model_dump(mode="json")} for label, a in baselines(space, budget)]
+    rng = random.Random(seed)
+    pool: list[list] = [[] for _ in BINS]
+    for _ in range(samples):
+        arch = space.random(rng)
+        params = count(arch).physical
+        for i, (lo, hi) in enumerate(BINS):
+            if lo <= params < hi or (hi == budget.max_params and params == hi):
+                pool[i].append((arch, set(sharing_levels(arch))))
+    for i, candidates in enumerate(pool):
+        chosen: list = []
+        for _ in range(per_bin):
+            left = [c for c in candidates if all(c[0] != a for a, _ in chosen)]
+            if not left:
+                break
+            if not chosen:
+                pick = max(left, key=lambda c: len(c[1]))
+            else:
+                pick = max(left, key=lambda c: len(c[1] ^ set().union(*(lv for _, lv in chosen))))
+            chosen.append(pick)
+        out += [{"label": f"drawn-{i}{'ab'[j]}", "arch": a.model_dump(mode="json")} for j, (a, _) in enumerate(chosen)]
+    return out
+
+
+def load_designs() -> list[tuple[str, object]]:
+    """The committed designs (written by :func:`draw_designs` on first use)."""
+    from nas.config import ArchConfig
+    from nas.files import atomic_write
+
+    if not DESIGNS.is_file():
+        atomic_write(DESIGNS, json.dumps(draw_designs(), indent=1) + "\n")
+    return [(d["label"], ArchConfig.from_dict(d["arch"], source=str(DESIGNS))) for d in json.loads(DESIGNS.read_text())]
+
+
+def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = "proxy", reference: str = "full",
+                   rungs: tuple[int, ...] = (1, 3, 9), data: str = "synth", threads: int = 2) -> dict:
+    from scipy.stats import kendalltau, spearmanr
+
+    from nas.asha import Rungs
+    from nas.budget import count
+    from nas.data.corpus import resolve_data
+    from nas.schedule import load_schedule
+    from nas.train import train
+
+    corpus = resolve_data(data)
+    base, ref = load_schedule(proxy), load_schedule(reference)
+    stretched = Rungs(rungs).schedule(base)
+    runs = Path(results) / "runs"
+    rows = []
+    for label, arch in load_designs():
+        row = {"label": label, "params": count(arch).physical, "levels": sharing_levels(arch)}
+        for name, schedule in (("proxy", base), ("asha", stretched), ("reference", ref)):
+            out = runs / f"{label}-{schedule.name}"
+            done = out / "metrics.json"
+            m = json.loads(done.read_text()) if done.is_file() else train(
+                arch, schedule, corpus, out, threads=threads, progress=True, evaluate_test=name == "reference")
+            row[name] = m
+            print(f"  {label} {schedule.name}: dev WER {m['dev']['wer']:.3f}, {m['train_seconds']:.0f} s", flush=True)
+        rows.append(row)
+
+    def reference_wer(row) -> float:
+        dev = row["reference"]["dev"]
+        return dev.get("beam_wer", dev["wer"])
+
+    target = [reference_wer(r) for r in rows]
+    ref_s = sum(r["reference"]["curve"][-1]["train_s"] for r in rows)
+    # Each proxy length: where its signals are read in a row's runs, and its training seconds.
+    lengths = {f"proxy ({base.steps} steps, annealed)": (lambda r: r["proxy"]["curve"][-1],
+                                                        lambda r: r["proxy"]["curve"][-1]["train_s"])}
+    for m in rungs:
+        step = base.steps * m
+        lengths[f"rung {m}x ({step} steps)"] = (lambda r, s=step: _at(r["asha"], s),
+                                                lambda r, s=step: _at(r["asha"], s)["train_s"])
+    table = []
+    for length, (point_of, seconds_of) in lengths.items():
+        cost = sum(seconds_of(r) for r in rows)
+        for signal, key in SIGNALS.items():
+            values = [point_of(r)[key] for r in rows]
+            table.append({"length": length, "signal": signal, **_rank(values, target, kendalltau, spearmanr),
+                          "cost_share": round(cost / ref_s, 4)})
+    by_size = _rank([-r["params"] for r in rows], target, kendalltau, spearmanr)
+    best = max(table, key=lambda t: t["kendall_tau"] if not math.isnan(t["kendall_tau"]) else -2)
+    _plots(rows, target, lengths, Path(results))
+    return {
+        "setup": f"{len(rows)} designs of {DESIGNS.name}; proxy {proxy}, rungs {rungs}, reference {reference} "
+                 f"(dev WER, {'beam + LM' if 'beam_wer' in rows[0]['reference']['dev'] else 'greedy'}); {threads} threads",
+        "designs": [{"label": r["label"], "params": r["params"], "levels": list(r["levels"]),
+                     "reference_dev_wer": round(t, 4)} for r, t in zip(rows, target)],
+        "table": table,
+        "params_kendall_tau": by_size["kendall_tau"], "params_spearman_rho": by_size["spearman_rho"],
+        "best": {k: best[k] for k in ("length", "signal", "kendall_tau", "spearman_rho", "cost_share")},
+        "reference_train_seconds": round(ref_s),
+    }
+
+
+def _at(m: dict, step: int) -> dict:
+    return next(p for p in m["curve"] if p["step"] == step)
+
+
+def _rank(values, target, kendalltau, spearmanr) -> dict:
+    with warnings.catch_warnings():  # a constant side gives nan, reported as such
+        warnings.simplefilter("ignore")
+        tau, tau_p = kendalltau(values, target)
+        rho, rho_p = spearmanr(values, target)
+    return {"kendall_tau": round(float(tau), 3), "kendall_p": round(float(tau_p), 4),
+            "spearman_rho": round(float(rho), 3), "spearman_p": round(float(rho_p), 4)}
+
+
+def _plots(rows, target, lengths, out: Path) -> None:
+    """One scatter per signal: its value at each proxy length against the reference dev WER."""
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    for signal, key in SIGNALS.items():
+        fig = Figure(figsize=(4 * len(lengths), 3.6), dpi=100, layout="constrained")
+        axes = fig.subplots(1, len(lengths), squeeze=False)[0]
+        for ax, (length, (point_of, _)) in zip(axes, lengths.items()):
+            xs = [point_of(r)[key] for r in rows]
+            ax.scatter(xs, target, s=24)
+            for x, y, r in zip(xs, target, rows):
+                ax.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(f"{signal} at {length}", fontsize=8)
+            ax.set_ylabel("reference dev WER", fontsize=8)
+            ax.grid(alpha=0.3)
+        fig.savefig(out / f"fidelity-{signal}.png")

@@ -1,0 +1,108 @@
+"""Successive halving for several objectives: the promotion rule, and real tiny searches."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from nas.asha import Rungs, promoted
+from nas.budget import parse_budget
+from nas.schedule import load_schedule
+from nas.trials import records, tally
+from searches import FAST_HEARTBEAT, assert_nothing_over_budget_was_trained, load, nas_search, run, trial_lines
+
+
+def test_a_design_goes_on_unless_more_than_a_1_over_eta_share_of_its_rung_dominates_it():
+    rung = [(0.5, 100.0), (0.6, 90.0), (0.7, 80.0), (0.4, 300.0), (0.9, 400.0)]  # (signal, bytes)
+    # 6 designs at the rung with it: with eta 3 at most 2 may dominate it.
+    assert promoted((0.8, 95.0), rung, eta=3)  # dominated by (0.6, 90) and (0.7, 80) only
+    assert not promoted((0.8, 110.0), rung, eta=3)  # and by (0.5, 100) too: 3 of 6
+    assert not promoted((0.8, 500.0), rung, eta=3)  # dominated by all five
+    assert promoted((0.1, 999.0), rung, eta=3)  # on the front: nobody dominates it
+    assert promoted((0.9, 400.0), [], eta=3)  # the first at a rung goes on
+    assert not promoted((0.9, 400.0), [(0.5, 100.0)], eta=3)  # 1 of 2 dominates it: more than a third
+
+
+def test_the_stretched_proxy_evaluates_at_every_rung():
+    base = load_schedule("tiny")
+    s = Rungs((1, 2, 4), 2).schedule(base)
+    assert s.steps == 4 * base.steps and s.eval_every == base.steps
+    assert all(step % s.eval_every == 0 for step in Rungs((1, 2, 4)).steps(base))
+    assert s.model_copy(update={"name": base.name, "steps": base.steps, "eval_every": base.eval_every}) == base
+
+
+ASHA = ["--fidelity", "asha", "--rungs", "1,2,4", "--eta", "2", "--objectives", "loss,bytes"]
+
+
+@pytest.mark.slow
+def test_a_stopped_design_is_pruned_with_its_curve_and_a_promoted_one_trains_on(tiny_corpus_dir, tmp_path):
+    r = run(nas_search(tmp_path, tiny_corpus_dir, *ASHA, trials=6))
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load(tmp_path)
+    recs = records(study)
+    assert tally(recs).done == 6
+    steps = Rungs((1, 2, 4)).steps(load_schedule("tiny"))  # 12, 24, 48
+    stopped = [x for x in recs if x.state == "pruned"]
+    finished = [x for x in recs if x.state == "complete"]
+    assert stopped and finished, [x.state for x in recs]
+    for x in stopped:  # PRUNED in storage, never COMPLETE: no values, its points kept
+        t = study.trials[x.number]
+        assert t.state == TrialState.PRUNED and t.values is None and not x.values
+        assert x.curve and x.curve[-1]["step"] in steps[:-1] and "dev_loss" in x.curve[-1]
+        assert list(x.curve[-1:]) and t.user_attrs["rungs"][str(steps.index(x.curve[-1]["step"]))] == "stopped"
+    for x in finished:  # promoted at every rung: one run, its step counter going on to the end
+        assert [p["step"] for p in x.curve] == list(range(12, 49, 12))
+        assert set(study.trials[x.number].user_attrs["rungs"].values()) == {"promoted"}
+        metrics = json.loads((x.run_dir / "metrics.json").read_text())
+        assert metrics["steps"] == 48 and metrics["resumed_at_steps"] == []
+        assert x.values["loss"] == pytest.approx(metrics["dev"]["loss"])
+    with open(tmp_path / "t" / "trials.csv", newline="") as f:
+        states = {int(row["number"]): row["state"] for row in csv.DictReader(f)}
+    assert {states[x.number] for x in stopped} == {"PRUNED"}
+    assert sum("stopped at a rung" in line for line in r.stdout.splitlines()) == len(stopped)
+    assert_nothing_over_budget_was_trained(study, tmp_path / "t" / "trials", parse_budget("60K"))
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_driver_killed_past_a_rung_resumes_its_trials_from_their_checkpoints(tiny_corpus_dir, tmp_path):
+    slow = tmp_path / "slow.yaml"  # a longer tiny proxy, so that trials are caught between rungs
+    slow.write_text((Path(__file__).parents[1] / "nas/schedules/tiny.yaml").read_text()
+                    .replace("steps: 12", "steps: 30").replace("eval_every: 6", "eval_every: 30"))
+    cmd = nas_search(tmp_path, tiny_corpus_dir, *ASHA, "--proxy", str(slow), trials=4)
+    proc = subprocess.Popen(cmd, env=os.environ | FAST_HEARTBEAT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    caught = None
+    deadline = time.monotonic() + 400
+    while caught is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            recs = records(load(tmp_path))
+        except Exception:  # the study may not exist yet
+            continue
+        caught = next((x for x in recs if x.state == "running" and x.curve and x.curve[-1]["step"] >= 30
+                       and x.curve[-1]["step"] < 120), None)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert caught is not None, "no trial was caught past its first rung"
+
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load(tmp_path)
+    assert tally(records(study)).done == 4
+    retries = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t for t in study.get_trials()}
+    retry = retries[caught.number]  # run again in the same directory...
+    assert retry.user_attrs["run_dir"] == str(caught.run_dir) and retry.number in trial_lines(r.stdout)
+    if retry.state == TrialState.COMPLETE:  # ...from its checkpoint: the step counter went on
+        metrics = json.loads((caught.run_dir / "metrics.json").read_text())
+        assert metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] >= 30 and metrics["steps"] == 120
+    else:  # or it was stopped at a later rung than the one it had passed
+        assert retry.state == TrialState.PRUNED and retry.user_attrs["curve"][-1]["step"] > caught.curve[-1]["step"]
+    assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]

@@ -1,0 +1,89 @@
+"""Decoding: greedy, and beam search with the lexicon and word LM of the training transcripts."""
+
+import random
+import re
+
+import torch
+
+import nas.train
+from nas.data.corpus import resolve_data
+from nas.data.manifest import read_manifest
+from nas.data.text import normalize
+from nas.data.tokenizer import Tokenizer
+from nas.decode import BeamDecoder, BeamSettings, build_lm, greedy_decode, kenlm_layout
+from nas.schedule import load_schedule
+from nas.train import train
+
+
+def texts(corpus_dir, split) -> list[str]:
+    return [normalize(u.text) for u in read_manifest(corpus_dir / f"{split}.jsonl")]
+
+
+def spelled(tokenizer: Tokenizer, sentence: str, wrong: float, seed: int = 0) -> torch.Tensor:
+    """Log-probs ``(1, T, V)`` that spell ``sentence`` (a class then two blanks per piece), where a
+    share ``wrong`` of the letters is misspelled: another letter wins that frame, the right one a
+    close second. A model that hears the right sounds and spells them wrong."""
+    rng = random.Random(seed)
+    ids = tokenizer.encode(sentence)
+    letters = [i + 1 for i, p in enumerate(tokenizer.piece_list()) if re.fullmatch("[a-z]", p)]
+    logits = torch.full((1, 3 * len(ids), tokenizer.vocab_size), -8.0)
+    for t, c in enumerate(ids):
+        if rng.random() < wrong and c in letters:
+            logits[0, 3 * t, c] = -1.0
+            c = rng.choice([x for x in letters if x != c])
+        logits[0, 3 * t, c] = 0.0
+        logits[0, 3 * t + 1 : 3 * t + 3, 0] = 0.0  # the blank
+    return logits.log_softmax(-1)
+
+
+def test_beam_search_with_the_lm_spells_the_words_greedy_decoding_misspells(tiny_corpus_dir, tmp_path):
+    train_texts = texts(tiny_corpus_dir, "train")
+    tokenizer = Tokenizer.train(train_texts, 40, "char", tmp_path / "tok.model")
+    lm = build_lm(train_texts, tokenizer, tmp_path / "lm")
+    decoder = BeamDecoder(lm, BeamSettings(beam=50, lm_weight=2.0, word_score=0.0))
+    sentences = sorted(train_texts, key=len)[-5:]  # the longest: the LM has the most context
+    greedy_right = beam_right = 0
+    for i, sentence in enumerate(sentences):
+        log_probs = spelled(tokenizer, sentence, wrong=0.12, seed=i)
+        lengths = torch.tensor([log_probs.shape[1]])
+        greedy_right += greedy_decode(log_probs, lengths, tokenizer)[0] == sentence
+        beam_right += decoder(log_probs, lengths)[0] == sentence
+    assert greedy_right <= 1 and beam_right >= 4, (greedy_right, beam_right)
+
+
+def test_the_arpa_file_is_laid_out_as_kenlm_reads_it():
+    arpa = "Corpus: 2 sentences\n\n\\data\\\nngram 1=2\nngram 2=1\n\n\\1-grams:\n-1.0 <s> -0.3\n-0.5 a\n\n" \
+           "\\2-grams:\n-0.2 <s> a\n\n\\end\\\n"
+    assert kenlm_layout(arpa) == ("\\data\\\nngram 1=2\nngram 2=1\n\n\\1-grams:\n-1.0\t<s>\t-0.3\n-0.5\ta\n\n"
+                                  "\\2-grams:\n-0.2\t<s> a\n\n\\end\\\n")
+
+
+def test_the_lm_and_lexicon_are_built_from_training_text_only(tiny_corpus_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(train_texts, *args, **kwargs):
+        seen.append(list(train_texts))
+        return build_lm(train_texts, *args, **kwargs)
+
+    monkeypatch.setattr(nas.train, "build_lm", spy)
+    arch = nas.train.ArchConfig.from_dict({"frontend": {"channels": 8}, "vocab_size": 40, "encoder": {
+        "d_model": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 2, "conv_kernel": 7}})
+    schedule = load_schedule("tiny").model_copy(update={"decode": "beam"})
+    m = train(arch, schedule, resolve_data(f"manifest:{tiny_corpus_dir}"), tmp_path / "run", progress=False)
+
+    train_texts, held_out = texts(tiny_corpus_dir, "train"), texts(tiny_corpus_dir, "dev") + texts(tiny_corpus_dir, "test")
+    assert len(seen) == 1 and sorted(seen[0]) == sorted(train_texts)
+    assert not set(held_out) & set(seen[0])  # no dev or test sentence went into the LM
+    train_words = {w for t in train_texts for w in t.split()}
+    unseen = {w for t in held_out for w in t.split()} - train_words
+    assert unseen, "the held-out sentences must have words of their own, or this test proves nothing"
+    lm = tmp_path / "run" / "lm"
+    lexicon = {line.split("\t")[0] for line in (lm / "lexicon.txt").read_text().splitlines()}
+    assert lexicon == train_words
+    arpa = (lm / "lm.arpa").read_text()
+    unigrams = arpa[arpa.index("\\1-grams:"):arpa.index("\\2-grams:")].splitlines()[1:]
+    assert {line.split("\t")[1] for line in unigrams if line} == train_words | {"<s>", "</s>"}
+    # The beam search ran on dev and test, its settings tuned on dev; greedy is reported beside it.
+    assert m["decoder"]["tuned_on"].startswith("dev") and m["decoder"]["lm"]["source"] == "training transcripts only"
+    for split in ("dev", "test"):
+        assert {"wer", "cer", "beam_wer", "beam_cer", "decode_s", "forward_s"} <= m[split].keys()
