@@ -19,6 +19,10 @@ from nas.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations: "--gpus" must not quietly mean "--gpus-per-trial" (or a future option).
+        super().__init__(*args, **kwargs, allow_abbrev=False)
+
     def error(self, message: str):  # argparse's default prints the usage block too
         raise UserError("cli", self.prog.removeprefix("nas").strip() or "nas", message)
 
@@ -93,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_count)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search", "learn", "fidelity"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search", "learn", "fidelity", "deploy"])
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
     b.add_argument("--trials", type=int, default=12, help="search: trials per study (default 12)")
     b.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler (default 3)")
@@ -128,6 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--trials", type=_positive, default=24, help="designs to train (infeasible samples don't count)")
     se.add_argument("--workers", type=_positive, default=2, help="trials at once")
     se.add_argument("--cpus-per-trial", type=_positive, default=1)
+    se.add_argument("--gpus-per-trial", type=_fraction, default=0, help="GPUs each trial asks Ray for (default 0)")
     se.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "gp", "random"])
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--study", help="study name (default: the space's name)")
@@ -154,6 +159,7 @@ def _build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--schedule", default="full")
     rt.add_argument("--workers", type=_positive, default=2)
     rt.add_argument("--cpus-per-trial", type=_positive, default=1)
+    rt.add_argument("--gpus-per-trial", type=_fraction, default=0, help="GPUs each trial asks Ray for (default 0)")
     _study_options(rt)
     rt.set_defaults(run=_retrain)
 
@@ -169,12 +175,20 @@ def _build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--best-under", help="the best retrained design within this budget, e.g. 1M or 1MB@int8")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--force", action="store_true", help="overwrite an export directory that holds files")
+    ex.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="model.onnx's dtype (default: the budget's)")
+    ex.add_argument("--activations", choices=["static", "float"], default="static",
+                    help="int8: static calibrated activations, as a device runs them (default), or float")
+    ex.add_argument("--data", help="the corpus to calibrate on and measure with (default: the study's)")
+    ex.add_argument("--test-utterances", type=_positive, help="measure on the first N test utterances (default all)")
+    ex.add_argument("--no-measure", action="store_true", help="don't measure WER, speed and memory")
     _study_options(ex)
     ex.set_defaults(run=_export)
 
-    tr = sub.add_parser("transcribe", help="transcribe audio files with an exported model")
+    tr = sub.add_parser("transcribe", help="transcribe audio files with an export (onnxruntime, no torch)")
     tr.add_argument("export_dir", type=Path)
     tr.add_argument("audio", type=Path, nargs="+")
+    tr.add_argument("--greedy", action="store_true", help="greedy decoding even when the export has an LM")
+    tr.add_argument("--threads", type=_positive, help="onnxruntime threads (default: all cores)")
     tr.set_defaults(run=_transcribe)
 
     d = sub.add_parser("demo", help="the main job: corpus, search, retrain, report, export")
@@ -255,7 +269,7 @@ def _search(args) -> int:
     _log_file(args.results / (args.study or space.name))
     run_search(SearchSettings(
         space=space, budget=budget, trials=args.trials, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
-        sampler=args.sampler, seed=args.seed, study=args.study or space.name, storage=args.storage,
+        gpus_per_trial=args.gpus_per_trial, sampler=args.sampler, seed=args.seed, study=args.study or space.name, storage=args.storage,
         address=args.address, data=args.data, proxy=args.proxy, objectives=objectives, fidelity=args.fidelity,
         rungs=rungs, enqueue=args.enqueue,
         baselines=not args.no_baselines, results=args.results, max_trial_memory_mb=args.max_trial_memory))
@@ -275,7 +289,7 @@ def _retrain(args) -> int:
     study = open_existing_study(args.study, args.storage, args.results)
     _log_file(args.results / args.study)
     retrain(study, args.results / args.study, args.top, args.schedule, args.workers, args.cpus_per_trial,
-            args.address)
+            args.address, args.gpus_per_trial)
     return 0
 
 
@@ -300,6 +314,16 @@ def _rungs(text: str, eta: int):
     if eta < 2:
         raise UserError("--eta", "", f"{eta} must be at least 2")
     return Rungs(multiples, eta)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -346,24 +370,55 @@ def _report(args) -> int:
 
 def _export(args) -> int:
     from nas.budget import parse_budget
+    from nas.data.corpus import check_spec
     from nas.export import choose_for_export, write_export
     from nas.study import open_existing_study
 
+    if args.data:
+        check_spec(args.data)  # a malformed corpus name is refused before the study is opened
     study = open_existing_study(args.study, args.storage, args.results)
     _log_file(args.results / args.study)
     best_under = parse_budget(args.best_under, "--best-under") if args.best_under else None
     arch, run_dir, provenance = choose_for_export(study, args.results / args.study, args.design, best_under)
-    write_export(args.out, arch, run_dir, provenance, force=args.force)
-    print(f"exported trial {provenance['trial']} to {args.out}")
+    # --dtype defaults to the study's budget dtype: write_export reads it from provenance["budget"]
+    write_export(args.out, arch, run_dir, provenance, force=args.force, dtype=args.dtype, data=args.data,
+                 activations=args.activations, test_utterances=args.test_utterances, measure=not args.no_measure,
+                 progress=True)
+    prov = json.loads((args.out / "arch.json").read_text())["provenance"]
+    print(f"exported trial {provenance['trial']} to {args.out} at {prov['dtype']}")
+    f = prov["onnx_file"]
+    print(f"  weights in model.onnx: {f['weights']:,} B; budget arithmetic {f['budget_bytes']:,} B "
+          f"({f['difference']:+,} B); scales and zero points {f['quantization_params']:,} B")
+    if "deployment" in prov:
+        d = prov["deployment"]
+        for dt, acc in d["accuracy"].items():
+            wers = ", ".join(f"{dec} WER {m['wer']:.2%} CER {m['cer']:.2%}" for dec, m in acc.items())
+            mem = d["activation_memory"][dt].get("bytes")
+            print(f"  {dt}: {wers}; RTF {d['rtf'][dt]:.4f} (1 thread); activations "
+                  f"{'not measured' if mem is None else f'{mem / 1e6:.2f} MB'} (10 s)")
     return 0
 
 
 def _transcribe(args) -> int:
-    from nas.export import transcribe
+    # The deployment path: onnxruntime and numpy, no torch (nas.runtime never imports it).
+    import time
 
+    from nas.runtime import Recognizer
+
+    t0 = time.perf_counter()
+    rec = Recognizer(args.export_dir, threads=args.threads, beam=not args.greedy)
+    loaded = time.perf_counter() - t0
+    audio_s = 0.0
+    t0 = time.perf_counter()
     for audio in args.audio:
-        text = transcribe(args.export_dir, audio)
-        print(f"{audio}\t{text}" if len(args.audio) > 1 else text)
+        feats = rec.features(audio)
+        audio_s += (len(feats) - 1) * rec.frontend.hop_length / rec.frontend.sample_rate
+        text = rec.decode(rec.log_probs(feats))
+        print(f"{audio}\t{text}" if len(args.audio) > 1 else text, flush=True)
+    took = time.perf_counter() - t0
+    print(f"{len(args.audio)} file{'s' if len(args.audio) > 1 else ''}, {audio_s:.1f} s of audio in {took:.2f} s "
+          f"(real-time factor {took / max(audio_s, 1e-9):.3f}; {rec.decoding}; model loaded in {loaded:.2f} s)",
+          file=sys.stderr)
     return 0
 
 

@@ -3,18 +3,28 @@
 ``write_export(out_dir, arch, run_dir, provenance)`` turns a trainer run directory into::
 
     arch.json          {"arch": ArchConfig, "provenance": {...}}; `nas train DIR/arch.json` reads it
-    model.safetensors  each stored tensor once, under its storage-plan key
-    model.onnx         log-mels (B, T, n_mels) + lengths (B,) -> log-probs (B, T', vocab) + lengths (B,)
+    model.safetensors  each stored tensor once, under its storage-plan key (float32)
+    model.onnx         log-mels (B, T, n_mels) + lengths (B,) -> log-probs (B, T', vocab) + lengths (B,),
+                       at the deployment dtype (fp32, bf16 or int8: :mod:`nas.quantize`), each
+                       stored tensor one initializer named by its key
+    features.npz       the log-mel window and filterbank, for the torch-free front end (:mod:`nas.runtime`)
     tokenizer.model    the sentencepiece model (CTC class 0 is the blank)
+    lm/                the run's lexicon and word LM for beam search, when it decoded so
     README.md          the model card
 
-with ``T' = ((T - 1) // 2 - 1) // 2`` (the 4x subsampling). ``load_export`` and ``transcribe`` read
-it back; ``check_onnx`` compares onnxruntime with PyTorch on a real audio file. The ONNX export
-itself is :mod:`nas.onnx_export`; the model card is the template ``templates/model_card.md.j2``.
+with ``T' = ((T - 1) // 2 - 1) // 2`` (the 4x subsampling). Given a corpus, the export then
+measures itself on the deployment path (:mod:`nas.measure`): test WER and CER at fp32 and at its
+dtype, the file's bytes against the budget arithmetic, the one-thread real-time factor, the peak
+activation memory of a 10 s utterance, and WER by recording condition; ``arch.json`` and the card
+record them. ``load_export`` reads the export back into PyTorch; ``transcribe`` runs it with
+onnxruntime (:class:`nas.runtime.Recognizer`); ``check_onnx`` compares onnxruntime with PyTorch on
+a real audio file. The ONNX export itself is :mod:`nas.onnx_export`; the model card is the template
+``templates/model_card.md.j2``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict
 from functools import cache
@@ -25,35 +35,54 @@ import jinja2
 import numpy as np
 import onnxruntime as ort
 import torch
+import torchaudio
 from safetensors import SafetensorError
 
-from nas.budget import DTYPE_BYTES, count
+from nas.budget import DTYPE_BYTES, count, parse_budget
 from nas.config import SCHEMA_VERSION, ArchConfig
 from nas.data.audio import AudioError, load_audio
+from nas.data.corpus import resolve_data
 from nas.data.features import FeatureConfig, log_mel
+from nas.data.manifest import read_manifest
 from nas.data.tokenizer import Tokenizer
-from nas.decode import greedy_decode
+from nas.decode import LM_FILES
 from nas.describe import layer_map, sharing_in_words
 from nas.errors import UserError
 from nas.files import atomic_write
+from nas.measure import MEMORY_SECONDS, calibration_feeds, file_bytes, measure_export
 from nas.model import ConformerCTC
 from nas.onnx_export import OUTPUTS, onnx_model
 from nas.pareto import front
 from nas.plan import subsampled_frames
+from nas.quantize import ACTIVATIONS, DTYPES, convert
 from nas.retrain import load_retrained, pick_best_under
+from nas.runtime import FEATURES_FILE, LM_DIR, LogMel, Recognizer
 from nas.trials import records
 
 RUN_FILES = ("model.safetensors", "tokenizer.model", "metrics.json")
+CALIBRATION_UTTERANCES = 32  # training utterances whose activation ranges set the int8 scales
 
 
-def write_export(out_dir: Path, arch: ArchConfig, run_dir: Path, provenance: dict, force: bool = False) -> Path:
+def write_export(out_dir: Path, arch: ArchConfig, run_dir: Path, provenance: dict, force: bool = False,
+                 dtype: str | None = None, data: str | None = None, activations: str = "static",
+                 test_utterances: int | None = None, measure: bool = True, progress: bool = False) -> Path:
     """Export the design ``arch`` trained in ``run_dir`` (a trainer output directory) to ``out_dir``.
 
     ``provenance`` (study, trial, proxy and full WER, budget...) is stored as given in
     ``arch.json``, completed with the sizes from :func:`nas.budget.count`, the tokenizer's
-    sha256, the feature settings and the run's metrics. Refuses an ``out_dir`` that already
-    holds files unless ``force`` (which overwrites the five files and leaves any others).
-    Returns ``out_dir``.
+    sha256, the feature settings, the run's metrics, the dtype and how it was quantized, and the
+    measurements. Refuses an ``out_dir`` that already holds files unless ``force`` (which
+    overwrites the export's files and leaves any others). Returns ``out_dir``.
+
+    Args:
+        dtype: ``model.onnx``'s dtype, ``fp32``, ``bf16`` or ``int8``; default the dtype of
+            ``provenance["budget"]`` (``4MB@int8`` gives int8), else fp32.
+        data: the corpus (``--data`` spec) whose training audio calibrates int8 activations and
+            whose test split the export is measured on; default ``provenance["data"]``. Without
+            one nothing is measured (and static int8 is refused).
+        activations: int8 only: ``static`` (calibrated, as an int8 device runs) or ``float``.
+        test_utterances: measure on the first so many test utterances (default all).
+        measure: measure the export (WER at each dtype, speed, memory, bytes, robustness).
     """
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -64,6 +93,12 @@ def write_export(out_dir: Path, arch: ArchConfig, run_dir: Path, provenance: dic
         if not (run_dir / name).is_file():
             raise UserError(str(run_dir / name), "", f"not found (a trainer run directory holds "
                                                      f"{', '.join(RUN_FILES)})")
+    dtype = dtype or _budget_dtype(provenance.get("budget"))
+    if dtype not in DTYPES:
+        raise UserError("--dtype", "", f"{dtype!r}: expected one of {', '.join(DTYPES)}")
+    if activations not in ACTIVATIONS:
+        raise UserError("--activations", "", f"{activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+    static = dtype == "int8" and activations == "static"
     _check_trained_design(run_dir / "checkpoint.pt", arch)
     tokenizer = _tokenizer(run_dir / "tokenizer.model", arch)
     model = _model(arch, run_dir / "model.safetensors")
@@ -71,7 +106,25 @@ def write_export(out_dir: Path, arch: ArchConfig, run_dir: Path, provenance: dic
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except json.JSONDecodeError as exc:
         raise UserError(str(run_dir / "metrics.json"), "", f"not valid JSON ({exc})") from None
-    onnx_bytes = onnx_model(model)  # the slow, fallible part: done before anything is written
+    data = data or provenance.get("data")
+    corpus = None
+    if data and (measure or static):
+        corpus = resolve_data(data, progress=progress)
+    if static and corpus is None:
+        raise UserError("--data", "", "an int8 export calibrates its activations on training audio: name the "
+                                      "corpus with --data (or quantize the weights only: --activations float)")
+    lm = run_dir / LM_DIR if all((run_dir / LM_DIR / f).is_file() for f in LM_FILES) else None
+
+    # the slow, fallible part, done before anything is written
+    fp32 = onnx_model(model)
+    features = frontend_arrays(_features(arch))
+    params, buffers = stored_names(model)
+    quantization, feeds = None, []
+    if static:
+        feeds, quantization = _calibration(corpus, features)
+    deployed = convert(fp32, params, dtype, feeds, activations)
+    if dtype != "fp32":
+        quantization = _quantization(dtype, activations, quantization)
 
     c = count(arch)
     prov = {
@@ -83,16 +136,95 @@ def write_export(out_dir: Path, arch: ArchConfig, run_dir: Path, provenance: dic
         "tokenizer_sha256": tokenizer.sha256,
         "features": asdict(_features(arch)),
         "run": _run_summary(metrics),
+        "dtype": dtype,
+        "onnx_file": file_bytes(deployed, arch, dtype, params, buffers),
+        **({"quantization": quantization} if quantization else {}),
+        **({"decoder": _beam_settings(metrics["decoder"])} if lm and metrics.get("decoder") else {}),
         "schema_version": SCHEMA_VERSION,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"arch": json.loads(arch.to_json()), "provenance": prov}
-    atomic_write(out_dir / "arch.json", (json.dumps(doc, indent=2) + "\n").encode())
+    _write_doc(out_dir, arch, prov)
     model.save(out_dir / "model.safetensors")
     atomic_write(out_dir / "tokenizer.model", (run_dir / "tokenizer.model").read_bytes())
-    atomic_write(out_dir / "model.onnx", onnx_bytes)
-    atomic_write(out_dir / "README.md", model_card(out_dir.name, arch, prov, len(onnx_bytes)).encode())
+    atomic_write(out_dir / "model.onnx", deployed)
+    atomic_write(out_dir / FEATURES_FILE, features)
+    for name in LM_FILES:  # the run's LM, or none: an LM left by an earlier export would not match
+        if lm:
+            (out_dir / LM_DIR).mkdir(exist_ok=True)
+            atomic_write(out_dir / LM_DIR / name, (lm / name).read_bytes())
+        else:
+            (out_dir / LM_DIR / name).unlink(missing_ok=True)
+    if measure and corpus is not None:
+        prov["deployment"] = measure_export(out_dir, arch, {"fp32": fp32, dtype: deployed}, dtype, corpus,
+                                            params, buffers, test_utterances, progress)
+    atomic_write(out_dir / "README.md", model_card(out_dir.name, arch, prov, len(deployed)).encode())
+    _write_doc(out_dir, arch, prov)
     return out_dir
+
+
+def _write_doc(out_dir: Path, arch: ArchConfig, prov: dict) -> None:
+    doc = {"arch": json.loads(arch.to_json()), "provenance": prov}
+    atomic_write(out_dir / "arch.json", (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _budget_dtype(budget: str | None) -> str:
+    """The dtype a study's budget counts bytes at (``1M``: fp32; ``4MB@int8``: int8); fp32 without one."""
+    if not budget:
+        return "fp32"
+    return parse_budget(budget, "provenance", "budget").dtype
+
+
+def stored_names(model: ConformerCTC) -> tuple[set[str], set[str]]:
+    """The keys of the stored parameters (the budget) and of the stored buffers (BatchNorm statistics)."""
+    stored = model.stored_state().keys()
+    params = {k for k, _ in model.named_parameters()} & stored
+    return params, set(stored) - params
+
+
+def frontend_arrays(cfg: FeatureConfig) -> bytes:
+    """``features.npz``: what :class:`nas.runtime.LogMel` needs to compute :func:`log_mel` in numpy,
+    taken from torch's own window and torchaudio's filterbank (those ``MelSpectrogram`` uses)."""
+    window = torch.hann_window(cfg.win_length).numpy()
+    left = (cfg.n_fft - cfg.win_length) // 2  # torch.stft centres a shorter window in n_fft
+    fb = torchaudio.functional.melscale_fbanks(cfg.n_fft // 2 + 1, 0.0, float(cfg.sample_rate // 2), cfg.n_mels,
+                                               cfg.sample_rate)
+    buf = io.BytesIO()
+    np.savez(buf, window=np.pad(window, (left, cfg.n_fft - cfg.win_length - left)), mel_fb=fb.numpy(),
+             sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop_length,
+             log_offset=cfg.log_offset)
+    return buf.getvalue()
+
+
+def _calibration(corpus, features: bytes) -> tuple[list[dict], dict]:
+    """Calibration feeds from the corpus's training audio, and what to record of them."""
+    feeds, ids = calibration_feeds(read_manifest(corpus.train), LogMel(io.BytesIO(features)),
+                                   CALIBRATION_UTTERANCES)
+    if not feeds:
+        raise UserError(str(corpus.train), "", "no usable training utterance to calibrate int8 activations on")
+    frames = sum(f["feats"].shape[1] for f in feeds)
+    return feeds, {"data": corpus.spec, "split": "train", "utterances": len(ids), "seconds": frames / 100,
+                   "ids": ids, "method": "onnxruntime MinMaxCalibrater: each activation's min and max over these "
+                                         "utterances, run one at a time"}
+
+
+def _quantization(dtype: str, activations: str, calibration: dict | None) -> dict:
+    if dtype == "bf16":
+        return {"weights": "bfloat16 (rounded to nearest even), one Cast to float32 per stored tensor",
+                "activations": "float32", "tool": "nas.quantize"}
+    return {
+        "weights": "int8, one DequantizeLinear per stored tensor (QDQ): matrices and kernels symmetric per output "
+                   "channel, vectors asymmetric per tensor",
+        "activations": ("uint8, asymmetric, per tensor, static (calibrated): the inputs of every matrix product "
+                        "and convolution" if activations == "static" else "float32 (weights only)"),
+        **({"calibration": calibration} if calibration else {}),
+        "tool": f"nas.quantize; calibration by onnxruntime {ort.__version__}",
+    }
+
+
+def _beam_settings(decoder: dict) -> dict:
+    """The run's tuned beam search settings (``metrics.json``'s ``decoder``), as the export uses them."""
+    keys = ("beam", "beam_tokens", "beam_threshold", "lm_weight", "word_score", "tuned_on", "tuned_dev_wer", "lm")
+    return {k: decoder[k] for k in keys if k in decoder}
 
 
 def choose_for_export(study: optuna.Study, out: Path, design: int | None, best_under=None) -> tuple:
@@ -139,17 +271,15 @@ def load_export(dir: Path) -> tuple[ArchConfig, ConformerCTC, Tokenizer]:
 
 
 def transcribe(dir: Path, audio_path: Path) -> str:
-    """Greedy CTC transcript of one audio file (any rate soundfile reads; resampled to 16 kHz)."""
-    arch, model, tokenizer = load_export(dir)
-    feats = features_of(audio_path, arch)
-    with torch.no_grad():
-        log_probs, lengths = model(feats[None], torch.tensor([len(feats)]))
-    return greedy_decode(log_probs, lengths, tokenizer)[0]
+    """Transcript of one audio file by the export's ``model.onnx`` with onnxruntime, without torch
+    (:class:`nas.runtime.Recognizer`): beam search with the export's LM when it has one, else greedy."""
+    return Recognizer(dir).transcribe(audio_path)
 
 
 def check_onnx(dir: Path, audio_path: Path) -> float:
     """Max absolute difference between onnxruntime's and PyTorch's log-probs on ``audio_path``
-    (``inf`` when their shapes or output lengths differ)."""
+    (``inf`` when their shapes or output lengths differ). Parity holds for an fp32 export; a bf16 or
+    int8 ``model.onnx`` differs by its rounding (measured as WER at export instead)."""
     arch, model, _ = load_export(dir)
     feats = features_of(audio_path, arch)[None]
     lengths = torch.tensor([feats.shape[1]])
@@ -182,23 +312,103 @@ def features_of(audio_path: Path, arch: ArchConfig) -> torch.Tensor:
 def model_card(name: str, arch: ArchConfig, prov: dict, onnx_size: int) -> str:
     """The export's README.md: ``templates/model_card.md.j2`` filled in from the design and ``prov``."""
     b, run = prov["bytes"], prov.get("run", {})
+    dtype, onnx_file = prov.get("dtype", "fp32"), prov.get("onnx_file")
     sizes = [("physical parameters (stored)", f"{prov['physical_params']:,}"),
              ("virtual parameters (every use)", f"{prov['virtual_params']:,}"),
-             ("weights at fp32 / bf16 / int8", f"{b['fp32']:,} / {b['bf16']:,} / {b['int8']:,} B"),
+             ("weights at fp32 / bf16 / int8 (budget arithmetic)", f"{b['fp32']:,} / {b['bf16']:,} / {b['int8']:,} B"),
              ("MACs per second of audio", f"{prov['macs_per_second'] / 1e6:.1f} M"),
-             ("model.onnx", f"{onnx_size:,} B")]
+             ("model.onnx", f"{onnx_size:,} B at {dtype}")]
+    if onnx_file:
+        f = onnx_file
+        sizes += [(f"weights in model.onnx ({f['stored_tensors']} stored tensors)",
+                   f"{f['weights']:,} B: {f['difference']:+,} B ({f['difference_share']:+.2%}) against the arithmetic"),
+                  ("quantization scales and zero points", f"{f['quantization_params']:,} B"),
+                  ("BatchNorm statistics (float32, outside the budget)", f"{f['buffers']:,} B"),
+                  ("graph constants; graph and names", f"{f['constants']:,} B; {f['graph_and_names']:,} B")]
     wers = [(k.replace("_", " "), f"{v:.3f}" if isinstance(v, float) else str(v))
             for k, v in prov.items() if "wer" in k.lower() and not isinstance(v, dict)]
     wers += [(f"this run, {k.replace('_', ' ')}", f"{v:.3f}") for k, v in run.items() if k.endswith(("_wer", "_cer"))]
-    given = [(k, json.dumps(v)) for k, v in prov.items()
-             if k not in ("bytes", "features", "run", "physical_params", "virtual_params", "macs_per_second")
-             and "wer" not in k.lower()]
+    shown = ("bytes", "features", "run", "physical_params", "virtual_params", "macs_per_second", "onnx_file",
+             "quantization", "decoder", "deployment")
+    given = [(k, json.dumps(v)) for k, v in prov.items() if k not in shown and "wer" not in k.lower()]
     given += [(f"run {k}", str(v)) for k, v in run.items() if not k.endswith(("_wer", "_cer"))]
     return _card_template().render(
         name=name, sharing=sharing_in_words(arch), layer_map=layer_map(arch), enc=arch.encoder,
         frontend=arch.frontend, vocab=arch.vocab_size, sizes=sizes, wers=wers, provenance=given,
-        feat=prov["features"], tokenizer_sha256=prov["tokenizer_sha256"],
+        feat=prov["features"], tokenizer_sha256=prov["tokenizer_sha256"], dtype=dtype,
+        storage=_storage_text(dtype, prov.get("quantization")), decoding=_decoding_text(prov.get("decoder")),
+        has_lm=bool(prov.get("decoder")), deployment=_deployment_rows(prov.get("deployment"), dtype, prov),
     )
+
+
+def _storage_text(dtype: str, q: dict | None) -> str:
+    """The card's words on how model.onnx stores the weights and computes the activations."""
+    text = f"`model.onnx` holds the weights at **{dtype}**"
+    if not q:
+        return text + ", as trained. Each stored tensor is one initializer under its `model.safetensors` key."
+    text += f": {q['weights']}. Activations: {q['activations']}"
+    cal = q.get("calibration")
+    if cal:
+        text += (f", calibrated on {cal['utterances']} training utterances ({cal['seconds']:.0f} s of "
+                 f"`{cal['data']}`, spread evenly over its training manifest; {cal['method']}). Static rather than "
+                 "dynamic activation scales: an int8 neural processor runs integer kernels with fixed scales and "
+                 "cannot compute an activation's range at run time, so this is the error the device makes")
+    node = "DequantizeLinear" if dtype == "int8" else "Cast"
+    return (text + f". Each stored tensor is one initializer under its `model.safetensors` key, read through one "
+                   f"{node} node: a tensor shared by several layers is stored, and scaled, once.")
+
+
+def _decoding_text(decoder: dict | None) -> str:
+    """The card's words on the decoding: the LM directory and the beam settings, or greedy."""
+    if not decoder:
+        return "Greedy CTC: the run decoded greedily, so the export has no lexicon or LM."
+    lm = decoder.get("lm") or {}
+    source = ", ".join(f"{k} {lm[k]}" for k in ("order", "smoothing", "sentences", "words", "source") if k in lm)
+    tuned = f", tuned on {decoder['tuned_on']}" if "tuned_on" in decoder else ""
+    return (f"`lm/` holds the beam search's lexicon (`lexicon.txt`, every training word spelled in the tokenizer's "
+            f"pieces), its classes (`tokens.txt`) and a word n-gram LM (`lm.arpa`{': ' + source if source else ''}). "
+            f"Beam search settings{tuned}: beam {decoder['beam']}, {decoder['beam_tokens']} classes per frame, "
+            f"threshold {decoder['beam_threshold']}, LM weight {decoder['lm_weight']}, word score "
+            f"{decoder['word_score']}. `nas transcribe` uses them (flashlight-text's lexicon decoder with KenLM); "
+            "`--greedy` decodes greedily instead.")
+
+
+def _deployment_rows(d: dict | None, dtype: str, prov: dict) -> dict | None:
+    """What the card shows of the measurements: a table of fp32 against the dtype, and notes."""
+    if not d:
+        return None
+    from nas.report.robustness import markdown_tables
+
+    dts = ["fp32"] + ([dtype] if dtype != "fp32" else [])
+    rows = []
+    for dec in ("greedy", "beam"):
+        for m in ("wer", "cer"):
+            if all(dec in d["accuracy"].get(dt, {}) for dt in dts):
+                label = f"test {m.upper()} ({'greedy' if dec == 'greedy' else 'beam + lexicon + LM'})"
+                diff = d["difference"].get(dec, {}).get(m)
+                rows.append([label, *(f"{d['accuracy'][dt][dec][m]:.2%}" for dt in dts)]
+                            + ([f"{100 * diff:+.2f} points"] if dtype != "fp32" else []))
+    rows.append(["real-time factor, one CPU thread", *(f"{d['rtf'][dt]:.4f}" for dt in dts)]
+                + ([""] if dtype != "fp32" else []))
+    mem = d["activation_memory"]
+    rows.append([f"peak activation memory, {MEMORY_SECONDS:g} s utterance", *(_mb(mem[dt].get("bytes")) for dt in dts)]
+                + ([""] if dtype != "fp32" else []))
+    weights = prov.get("onnx_file", {}).get("weights")
+    act = mem[dtype].get("bytes")
+    return {
+        "table": "\n".join("| " + " | ".join(r) + " |" for r in [
+            ["", *dts] + (["difference"] if dtype != "fp32" else []), ["---"] * (len(dts) + (dtype != "fp32") + 1),
+            *rows]),
+        "test": d["test"], "decoding": d["decoding"], "rtf_how": d["rtf_how"], "rtf_features": d["rtf_features"],
+        "memory_how": mem[dtype].get("method") or mem[dtype].get("why", ""),
+        "device_total": None if weights is None or act is None else f"{_mb(weights)} of weights + {_mb(act)} of "
+                                                                  f"activations = {_mb(weights + act)}",
+        "robustness": markdown_tables(d["robustness"]["table"]), "robustness_from": d["robustness"]["conditions_from"],
+    }
+
+
+def _mb(n: int | None) -> str:
+    return "not measured" if n is None else f"{n / 1e6:.2f} MB"
 
 
 @cache

@@ -58,7 +58,7 @@ def designs_to_retrain(study: optuna.Study, top: int) -> list[TrialRecord]:
 
 
 def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: int, cpus_per_trial: int,
-            address: str | None = None) -> list[dict]:
+            address: str | None = None, gpus_per_trial: float = 0) -> list[dict]:
     """Retrain the chosen designs (those not yet finished) and write ``retrained.json``."""
     out = out.resolve()
     settings = study.user_attrs["settings"]
@@ -75,7 +75,7 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
         init_ray(address)
         with tqdm(total=len(todo), desc=f"retrain {schedule}", unit="design", dynamic_ncols=True) as bar:
             run_on_ray(out, f"retrain-{study.study_name}", workers, cpus_per_trial, jobs=todo,
-                       on_end=lambda job: bar.update(1))
+                       on_end=lambda job: bar.update(1), gpus_per_trial=gpus_per_trial)
     rows = [_row(r, j, schedule) for r, j in zip(chosen, jobs)]
     atomic_write(out / "retrained.json", json.dumps(rows, indent=2) + "\n")
     for r in rows:

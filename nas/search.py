@@ -45,6 +45,7 @@ class SearchSettings:
     trials: int = 24
     workers: int = 2
     cpus_per_trial: int = 1
+    gpus_per_trial: float = 0
     sampler: str = "tpe"
     seed: int | None = 0
     study: str = "study"
@@ -212,7 +213,7 @@ def run_search(s: SearchSettings) -> optuna.Study:
     scheduler = RungScheduler(searcher, load_schedule(s.proxy), s.rungs) if s.fidelity == "asha" else None
     if t.done < s.trials:
         run_on_ray(s.out, s.study, s.workers, s.cpus_per_trial, searcher=searcher, scheduler=scheduler,
-                   time_budget_s=s.time_budget_s)
+                   time_budget_s=s.time_budget_s, gpus_per_trial=s.gpus_per_trial)
     bar.close()
     pareto.write_outputs(study, s.out)
     t = tally(records(study))

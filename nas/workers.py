@@ -95,9 +95,10 @@ def trainable(config: dict) -> None:
 
 def run_on_ray(out: Path, name: str, workers: int, cpus_per_trial: int, searcher=None, scheduler=None,
                jobs: list[Job] | None = None, on_end: Callable[[Job], None] | None = None,
-               time_budget_s: float | None = None) -> None:
+               time_budget_s: float | None = None, gpus_per_trial: float = 0) -> None:
     """Run trials on Ray Tune: those a ``searcher`` suggests until it says it is finished, or the
-    given ``jobs``. At most ``workers`` at once, each with ``cpus_per_trial`` CPUs; a worker that
+    given ``jobs``. At most ``workers`` at once, each with ``cpus_per_trial`` CPUs (and
+    ``gpus_per_trial`` GPUs: Ray hides the GPUs from a trial that asks for none); a worker that
     dies is retried once. ``on_end(job)`` is called as each trial ends (a progress bar)."""
     from ray import tune
 
@@ -117,7 +118,8 @@ def run_on_ray(out: Path, name: str, workers: int, cpus_per_trial: int, searcher
     else:
         tune_config = tune.TuneConfig(max_concurrent_trials=workers)
         param_space = {"job": tune.grid_search(jobs or [])}
-    tune.Tuner(tune.with_resources(trainable, {"cpu": cpus_per_trial}), param_space=param_space,
+    resources = {"cpu": cpus_per_trial} | ({"gpu": gpus_per_trial} if gpus_per_trial else {})
+    tune.Tuner(tune.with_resources(trainable, resources), param_space=param_space,
                tune_config=tune_config, run_config=run_config).fit()
 
 

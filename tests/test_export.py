@@ -27,7 +27,7 @@ from nas.export import check_onnx, load_export, transcribe, write_export
 from nas.model import ConformerCTC
 from nas.plan import subsampled_frames
 from nas.schedule import load_schedule
-from nas.decode import greedy_decode
+from nas.decode import build_lm, greedy_decode
 from nas.train import train
 
 # Unshared, 218,776 parameters: big enough that file metadata is far below 2%.
@@ -388,3 +388,152 @@ def test_refuses_weights_of_another_design_with_the_same_shapes(plain_run, tmp_p
         write_export(tmp_path / "out", two_heads, plain_run, {})
     ckpt = plain_run / "checkpoint.pt"
     assert err.value.line() == f"error: {ckpt}: arch: the run trained another design than the one exported"
+
+
+# ---- deployment: dtypes, measurements, the LM ------------------------------------------------
+
+BEAM = {"beam": 8, "beam_tokens": 10, "beam_threshold": 25.0, "lm_weight": 1.0, "word_score": 0.0,
+        "tuned_on": "dev (8 utterances)", "tuned_dev_wer": 0.9}
+
+
+@pytest.fixture(scope="module")
+def plain_lm_run(plain_run, tiny_corpus_dir, tmp_path_factory):
+    """The plain run, as if its schedule had decoded with beam search: an LM from the training
+    transcripts in ``lm/`` and the tuned settings in metrics.json."""
+    run = tmp_path_factory.mktemp("plain-lm-run")
+    for f in plain_run.iterdir():
+        if f.is_file():
+            (run / f.name).write_bytes(f.read_bytes())
+    texts = [r.text for r in read_manifest(tiny_corpus_dir / "train.jsonl")]
+    build_lm([" ".join(t.lower().split()) for t in texts], Tokenizer.load(run / "tokenizer.model"), run / "lm")
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps(metrics | {"decoder": BEAM | {"lm": {"order": 3}}}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def int8_export(plain_lm_run, tiny_corpus_dir, tmp_path_factory):
+    """At the budget's dtype (int8), calibrated on and measured with the tiny corpus."""
+    return write_export(tmp_path_factory.mktemp("exports") / "int8", PLAIN, plain_lm_run,
+                        PROVENANCE | {"budget": "1MB@int8"}, data=f"manifest:{tiny_corpus_dir}")
+
+
+def provenance(export) -> dict:
+    return json.loads((export / "arch.json").read_text())["provenance"]
+
+
+def test_the_int8_export_is_the_budget_exactly(int8_export, tiny_corpus_dir):
+    prov, c = provenance(int8_export), count(PLAIN)
+    assert prov["dtype"] == "int8"  # the budget's dtype: 1MB@int8
+    f = prov["onnx_file"]
+    assert (f["weights"], f["budget_bytes"], f["difference"]) == (c.bytes("int8"), c.bytes("int8"), 0)
+    assert f["stored_tensors"] == len([k for k, _ in ConformerCTC(PLAIN).named_parameters()])
+    assert 0 < f["quantization_params"] < 0.1 * f["weights"] and f["missing_stored_tensors"] == 0
+    assert f["file"] == (int8_export / "model.onnx").stat().st_size
+    calibration = prov["quantization"]["calibration"]
+    train_ids = {r.id for r in read_manifest(tiny_corpus_dir / "train.jsonl")}
+    assert calibration["utterances"] == len(calibration["ids"]) == min(32, len(train_ids))
+    assert set(calibration["ids"]) <= train_ids and calibration["split"] == "train"
+    assert "static" in prov["quantization"]["activations"]
+
+
+def test_the_export_measures_wer_speed_and_memory_at_fp32_and_int8(int8_export, plain_lm_run):
+    d = provenance(int8_export)["deployment"]
+    assert d["dtype"] == "int8" and d["test"]["utterances"] == 8 and d["test"]["audio_s"] > 10
+    assert d["decoding"] == "beam + lexicon + LM"
+    for dtype in ("fp32", "int8"):
+        for decoding in ("greedy", "beam"):
+            assert set(d["accuracy"][dtype][decoding]) == {"wer", "cer"}
+            assert all(0 <= v < 5 for v in d["accuracy"][dtype][decoding].values())
+        assert 0 < d["rtf"][dtype] < 1
+        assert d["activation_memory"][dtype]["bytes"] > 0
+    for decoding in ("greedy", "beam"):
+        for m in ("wer", "cer"):
+            assert d["difference"][decoding][m] == pytest.approx(
+                d["accuracy"]["int8"][decoding][m] - d["accuracy"]["fp32"][decoding][m], abs=1e-12)
+    # fp32 on the deployment path (numpy features, onnxruntime) decodes as the trainer did (float16
+    # cached features, PyTorch): the same greedy WER, or nearly
+    run_wer = json.loads((plain_lm_run / "metrics.json").read_text())["test"]["wer"]
+    assert d["accuracy"]["fp32"]["greedy"]["wer"] == pytest.approx(run_wer, abs=0.05)
+    table = d["robustness"]["table"]
+    assert table["all"] == {"wer": d["accuracy"]["int8"]["beam"]["wer"], "utterances": 8}
+    assert {"accent", "noise", "snr_db", "reverb", "telephone"} <= table.keys()
+    assert sum(g["utterances"] for g in table["snr_db"].values()) == 8
+
+
+def test_the_lm_travels_with_the_export_and_the_card_says_so(int8_export, plain_lm_run):
+    prov = provenance(int8_export)
+    for name in ("lexicon.txt", "tokens.txt", "lm.arpa", "lm.json"):
+        assert (int8_export / "lm" / name).read_bytes() == (plain_lm_run / "lm" / name).read_bytes()
+    assert {k: prov["decoder"][k] for k in BEAM} == BEAM
+    card = (int8_export / "README.md").read_text()
+    assert "`lm/` holds the beam search's lexicon" in card and "LM weight 1.0" in card
+    assert "## Deployment" in card and "**int8**" in card and "calibrated on" in card
+    assert "| test WER (beam + lexicon + LM) |" in card and "points |" in card
+    assert "real-time factor, one CPU thread" in card and "peak activation memory, 10 s utterance" in card
+    assert "A device holds both" in card and "| SNR | utterances | WER |" in card
+    assert "+0 B (+0.00%) against the arithmetic" in card
+
+
+def test_an_export_without_a_corpus_is_not_measured(plain_export):
+    prov = provenance(plain_export)
+    assert prov["dtype"] == "fp32" and "deployment" not in prov and "decoder" not in prov
+    assert prov["onnx_file"]["difference"] == 0 and prov["onnx_file"]["quantization_params"] == 0
+    card = (plain_export / "README.md").read_text()
+    assert "Not measured at export" in card and "Greedy CTC" in card
+    assert not (plain_export / "lm").exists()
+
+
+def test_bf16_export_and_refusals(plain_run, tmp_path):
+    out = write_export(tmp_path / "bf16", PLAIN, plain_run, PROVENANCE, dtype="bf16", measure=False)
+    prov = provenance(out)
+    assert prov["dtype"] == "bf16" and prov["onnx_file"]["weights"] == count(PLAIN).bytes("bf16")
+    with pytest.raises(UserError) as err:
+        write_export(tmp_path / "int8", PLAIN, plain_run, PROVENANCE, dtype="int8")
+    assert err.value.line().startswith("error: --data: an int8 export calibrates its activations on training audio")
+    with pytest.raises(UserError, match="expected one of fp32, bf16, int8"):
+        write_export(tmp_path / "fp16", PLAIN, plain_run, PROVENANCE, dtype="fp16")
+    assert not (tmp_path / "int8").exists() and not (tmp_path / "fp16").exists()
+
+
+def test_the_deploy_benchmark_reads_its_figures_from_the_export(plain_lm_run, tiny_corpus_dir, tmp_path):
+    from nas.bench.deploy import bench_deploy
+
+    figures = bench_deploy([plain_lm_run], data=f"manifest:{tiny_corpus_dir}", test_utterances=4, results=tmp_path)
+    name = plain_lm_run.name
+    prov = json.loads((tmp_path / name / "arch.json").read_text())["provenance"]
+    assert figures[f"{name}.int8_weight_bytes"] == figures[f"{name}.budget_arithmetic_bytes"] == count(PLAIN).bytes("int8")
+    assert figures[f"{name}.bytes_within_1pct"] is True and figures[f"{name}.test_utterances"] == 4
+    increase = prov["deployment"]["difference"]["beam"]["wer"]
+    assert figures[f"{name}.wer_increase_points_beam"] == round(100 * increase, 2)
+    assert figures[f"{name}.wer_increase_within_1pt"] == (increase <= 0.01)
+    assert figures[f"{name}.int8_activation_mb_10s"] > 0 and figures[f"{name}.fp32_rtf_1_thread"] > 0
+
+
+def test_export_flags_are_checked_by_the_command_line(capsys):
+    from nas.cli import main
+
+    assert main(["export", "s", "--design", "1", "--out", "x", "--dtype", "fp16"]) == 2
+    assert "error: cli: export: argument --dtype: invalid choice: 'fp16'" in capsys.readouterr().err
+    assert main(["export", "s", "--design", "1", "--out", "x", "--data", "nowhere:x"]) == 2
+    assert "error: --data: 'nowhere:x': expected synth" in capsys.readouterr().err
+
+
+def test_nas_export_defaults_to_the_budgets_dtype_and_prints_the_figures(plain_lm_run, tiny_corpus_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    import nas.export
+    import nas.study
+    from nas.cli import main
+
+    settings = {"budget": "1MB@int8", "data": f"manifest:{tiny_corpus_dir}"}
+    monkeypatch.setattr(nas.study, "open_existing_study", lambda *a: None)
+    monkeypatch.setattr(nas.export, "choose_for_export",
+                        lambda *a: (PLAIN, plain_lm_run, PROVENANCE | settings))
+    out = tmp_path / "export"
+    assert main(["export", "s", "--best-under", "1MB@int8", "--out", str(out), "--test-utterances", "2",
+                 "--results", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"exported trial 3 to {out} at int8" in printed
+    assert f"weights in model.onnx: {count(PLAIN).bytes('int8'):,} B; budget arithmetic" in printed
+    assert "int8: greedy WER" in printed and "RTF" in printed and "(10 s)" in printed
+    assert provenance(out)["deployment"]["test"]["utterances"] == 2

@@ -8,6 +8,8 @@ adds them to ``results/bench.json`` and ``results/bench.md``.
 - ``learn`` (:mod:`nas.bench.learn`): time to accuracy of today's recipe against the old one.
 - ``fidelity`` (:mod:`nas.bench.fidelity`): how well each proxy signal ranks designs as full
   training does, against ranking by size.
+- ``deploy`` (:mod:`nas.bench.deploy`): int8 exports of trained runs against fp32: bytes, WER,
+  real-time factor and activation memory.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from nas.files import atomic_write
 # name -> (module of nas.bench, function): imported on use, since each pulls in heavy parts.
 BENCHMARKS = {"budget": ("speed", "bench_budget"), "train": ("speed", "bench_train"),
               "search": ("search", "bench_search"), "learn": ("learn", "bench_learn"),
-              "fidelity": ("fidelity", "bench_fidelity")}
+              "fidelity": ("fidelity", "bench_fidelity"), "deploy": ("deploy", "bench_deploy")}
 
 
 def run(which: str, out_dir: Path, search: dict | None = None) -> dict:
     """Run one benchmark or all; ``search`` overrides :func:`bench_search`'s arguments."""
     names = list(BENCHMARKS) if which == "all" else [which]
     overrides = {"search": {"results": out_dir / "bench-search"} | (search or {}),
-                 "learn": {"results": out_dir / "bench-learn"}, "fidelity": {"results": out_dir / "bench-fidelity"}}
+                 "learn": {"results": out_dir / "bench-learn"}, "fidelity": {"results": out_dir / "bench-fidelity"},
+                 "deploy": {"results": out_dir / "bench-deploy"}}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
     results = json.loads(path.read_text()) if path.exists() else {}

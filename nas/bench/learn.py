@@ -30,7 +30,7 @@ SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "paper.yaml"
 
 def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str, ...] = ("unshared", "paper"),
                 recipes: tuple[tuple[str, str], ...] = RECIPES, budget: str = "1M", cap: float = 5.0,
-                eval_audio_s: float = 1500, eval_utterances: int = 100, threads: int = 2) -> dict:
+                eval_audio_s: float = 3000, eval_utterances: int = 100, threads: int = 2) -> dict:
     from nas.baselines import baselines
     from nas.budget import count, parse_budget
     from nas.data.corpus import resolve_data

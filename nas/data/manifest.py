@@ -9,6 +9,12 @@ A row::
 transcript (normalized later by :func:`nas.data.text.normalize`). ``speaker`` and ``duration``
 are optional: ``duration`` (seconds) is measured from the file when it is missing.
 A corpus is a directory holding ``train.jsonl``, ``dev.jsonl`` and ``test.jsonl``.
+
+A row may also say how it was recorded, in any of the optional *condition* fields
+(:data:`CONDITIONS`), which the robustness tables group test WER by
+(:mod:`nas.report.robustness`); the embedded corpus records all of them::
+
+    {..., "accent": "en-gb-scotland", "noise": "pink", "snr_db": 12.5, "reverb": true, "telephone": false}
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from nas.errors import UserError
 from nas.files import atomic_write, read_text
 
 SPLITS = ("train", "dev", "test")
+# the optional condition fields of a row, and the JSON type each must have
+CONDITIONS = {"accent": str, "noise": str, "snr_db": float, "reverb": bool, "telephone": bool}
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,16 @@ class Utterance:
     text: str
     speaker: str = ""
     duration: float | None = None
+    # conditions (None: not recorded)
+    accent: str | None = None  # e.g. the espeak-ng English voice
+    noise: str | None = None  # noise colour: white, pink, brown
+    snr_db: float | None = None  # signal-to-noise ratio of the added noise
+    reverb: bool | None = None  # passed through a reverberant room
+    telephone: bool | None = None  # band-limited, telephone-like
+
+    def conditions(self) -> dict[str, str | float | bool]:
+        """The condition fields this row records."""
+        return {k: getattr(self, k) for k in CONDITIONS if getattr(self, k) is not None}
 
 
 def read_manifest(path: str | Path, check_files: bool = False) -> list[Utterance]:
@@ -66,6 +84,7 @@ def read_manifest(path: str | Path, check_files: bool = False) -> list[Utterance
         if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
                                      or not 0 <= duration < math.inf):
             raise UserError(str(path), f"{where}.duration", "must be a non-negative number of seconds")
+        conditions = _conditions(path, where, obj)
         audio = Path(obj["audio"])
         if not audio.is_absolute():
             audio = path.parent / audio
@@ -78,11 +97,29 @@ def read_manifest(path: str | Path, check_files: bool = False) -> list[Utterance
                 text=obj["text"],
                 speaker=str(obj.get("speaker", "")),
                 duration=None if duration is None else float(duration),
+                **conditions,
             )
         )
     if not rows:
         raise UserError(str(path), "", "manifest has no rows")
     return rows
+
+
+def _conditions(path: Path, where: str, obj: dict) -> dict:
+    """The condition fields of a row, checked: a string, a finite number, or true/false."""
+    found = {}
+    for key, kind in CONDITIONS.items():
+        value = obj.get(key)
+        if value is None:
+            continue
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(str(path), f"{where}.{key}", "must be a number")
+            value = float(value)
+        elif not isinstance(value, kind):
+            raise UserError(str(path), f"{where}.{key}", "must be true or false" if kind is bool else "must be a string")
+        found[key] = value
+    return found
 
 
 def _check_row(path: Path, where: str, audio: Path, text: str) -> None:
@@ -110,7 +147,8 @@ def write_manifest(path: str | Path, rows: list[Utterance]) -> None:
             obj["audio"] = str(audio.resolve().relative_to(path.parent.resolve()))
         except ValueError:
             obj["audio"] = str(audio.resolve())
-        if obj["duration"] is None:
-            del obj["duration"]
+        for key in ("duration", *CONDITIONS):  # optional fields a row does not record
+            if obj[key] is None:
+                del obj[key]
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
     atomic_write(path, "".join(lines))  # a killed writer never leaves half a manifest

@@ -20,7 +20,8 @@ chunks of :data:`CHUNK`, each in a new worker process with a fresh library: the 
 neither the number of workers nor their timing.
 
 ``out_dir`` ends up holding ``audio/<split>/<n>.wav`` (16 kHz mono 16-bit), the manifests
-``train.jsonl``, ``dev.jsonl`` and ``test.jsonl`` (see :mod:`nas.data.manifest`), and last
+``train.jsonl``, ``dev.jsonl`` and ``test.jsonl`` (see :mod:`nas.data.manifest`; each row records
+its conditions: accent, noise colour, SNR, reverberation, telephone band), and last
 ``done.json`` with the parameters, so a complete corpus is never made twice and a killed run is
 made again.
 """
@@ -109,6 +110,11 @@ class Take:
     def speaker(self) -> str:
         return f"{self.accent}+{self.variant}"
 
+    def conditions(self) -> dict:
+        """What the manifest records of the take's conditions (:data:`nas.data.manifest.CONDITIONS`)."""
+        return {"accent": self.accent, "noise": self.noise, "snr_db": round(self.snr_db, 2),
+                "reverb": self.rt60_s > 0, "telephone": self.lowpass_hz > 0}
+
 
 def default_dir(
     hours: float = DEFAULT_HOURS,
@@ -153,10 +159,25 @@ def build(
     takes = plan(hours, seed, dev_utterances, test_utterances)
     durations = _render_all(out_dir, takes, workers, progress)
     for split in SPLITS:
-        rows = [Utterance(t.id, out_dir / t.audio, t.text, t.speaker, durations[t.id]) for t in takes[split]]
+        rows = [Utterance(t.id, out_dir / t.audio, t.text, t.speaker, durations[t.id], **t.conditions())
+                for t in takes[split]]
         write_manifest(out_dir / f"{split}.jsonl", rows)
     _write_json(out_dir / "done.json", {"params": params, "hours": _hours(takes, durations)})
     return out_dir
+
+
+def conditions(out_dir: str | Path) -> dict[str, dict]:
+    """The conditions of every utterance of the synth corpus in ``out_dir``, by id, drawn again
+    from the parameters in its ``done.json`` (nothing is synthesized or written). For corpora made
+    before manifests recorded conditions; ``{}`` when ``out_dir`` holds no complete synth corpus."""
+    stamp = Path(out_dir) / "done.json"
+    if not stamp.is_file():
+        return {}
+    p = json.loads(stamp.read_text(encoding="utf-8"))["params"]
+    if p.get("version") != VERSION:
+        return {}
+    takes = plan(p["hours"], p["seed"], p["dev_utterances"], p["test_utterances"])
+    return {t.id: {"text": t.text, **t.conditions()} for split in SPLITS for t in takes[split]}
 
 
 def load_sentences(path: Path = SENTENCES) -> list[str]:

@@ -10,6 +10,7 @@ from nas.files import atomic_write
 from nas.report import analysis, document, plots
 from nas.report.importance import importance
 from nas.report.page import to_html
+from nas.report.robustness import robustness, robustness_section
 from nas.trials import objectives_of, records
 
 PNGS = ("front.png", "hypervolume.png", "importance.png", "fidelity.png")
@@ -37,6 +38,7 @@ def write_report(study: optuna.Study, out_dir: Path, budget_bytes: int, dtype: s
     hv = analysis.hypervolume(recs, signal, budget_bytes, dtype)
     imp = importance(recs, signal)
     fid = analysis.fidelity(retrained)
+    rob = robustness(retrained, study.user_attrs.get("settings", {}).get("data"), out_dir)
     sections = [
         document.headline_section(analysis.headline(retrained, budget_bytes)) if retrained else None,
         document.how_to_read_section(signal),
@@ -48,6 +50,7 @@ def write_report(study: optuna.Study, out_dir: Path, budget_bytes: int, dtype: s
                                     if imp.importances else None),
         document.fidelity_section(fid, signal, plots.fidelity_png(fid, signal, out_dir / "fidelity.png")
                                   if fid.measured else None),
+        robustness_section(rob) if rob else None,
         document.summary_section(analysis.summary(recs)),
     ]
     title = f"Search report: study {study.study_name}"

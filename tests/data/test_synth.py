@@ -140,3 +140,25 @@ def test_the_espeak_binding_in_fresh_processes():
     assert first.dtype == np.float32 and 0.5 < len(first) / ESPEAK_RATE < 3 and np.abs(first).max() > 0.01
     assert np.array_equal(first, again)
     assert bad.startswith("espeak_SetVoiceByName failed")
+
+
+def test_manifests_record_each_utterances_conditions(corpus):
+    """The conditions each take drew, as the manifest rows record them (the audio is unchanged:
+    recording them draws nothing more)."""
+    takes = synth.plan(**TINY)
+    for split, rows in manifests(corpus).items():
+        assert len(rows) == len(takes[split])
+        for row, take in zip(rows, takes[split]):
+            assert row.id == take.id and row.accent == take.accent and row.noise == take.noise
+            assert row.snr_db == round(take.snr_db, 2) and 5 <= row.snr_db <= 30
+            assert row.reverb == (take.rt60_s > 0) and row.telephone == (take.lowpass_hz > 0)
+            assert row.speaker.startswith(row.accent + "+")
+
+
+def test_conditions_of_a_corpus_are_drawn_again_from_its_parameters(corpus, tmp_path):
+    """For corpora whose manifests predate the condition fields: the same conditions, from done.json."""
+    again = synth.conditions(corpus)
+    for rows in manifests(corpus).values():
+        for row in rows:
+            assert again[row.id] == {"text": row.text, **row.conditions()}
+    assert synth.conditions(tmp_path) == {}

@@ -1,0 +1,243 @@
+"""Robustness: test WER by recording condition (SNR band, accent, noise colour, reverberation,
+telephone band), for each retrained design.
+
+The conditions come from the test manifest's optional condition fields
+(:data:`nas.data.manifest.CONDITIONS`): a table gets a column per group of each field present.
+The embedded corpus records them; for a synth corpus made before its manifests did, they are drawn
+again from its parameters (:func:`nas.data.synth.conditions`).
+
+- :func:`robustness_table` groups any per-utterance hypotheses (a run's test outputs, or the
+  export's, see :mod:`nas.measure`) by condition;
+- :func:`robustness` computes each retrained design's test hypotheses (its weights on the test
+  features, decoded as its run decoded: beam search with its LM when it has one, else greedy),
+  cached in ``robustness.json`` beside the report;
+- :func:`robustness_section` writes the report's section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nas.data.manifest import CONDITIONS, read_manifest
+from nas.errors import UserError
+from nas.files import atomic_write
+from nas.report.document import _escape, _table
+
+SNR_BANDS = ((5.0, 10.0), (10.0, 20.0), (20.0, 30.0))  # dB, lower bound included; 30 dB falls in the last
+TITLES = {"snr_db": "SNR", "accent": "accent", "noise": "noise colour", "reverb": "reverberation",
+          "telephone": "telephone band"}
+BOOLEANS = {"reverb": ("dry", "reverberant"), "telephone": ("full band", "telephone band")}
+CACHE = "robustness.json"
+MAX_FRAMES = 20_000  # log-mel frames per batch when the designs are run on the test set
+
+
+def group_of(key: str, value) -> str:
+    """The group a condition value falls in: an SNR band, with or without, or the value itself."""
+    if key == "snr_db":
+        lo, hi = SNR_BANDS[0][0], SNR_BANDS[-1][1]
+        if value < lo:
+            return f"under {lo:g} dB"
+        if value > hi:
+            return f"over {hi:g} dB"
+        return next(f"{a:g}–{b:g} dB" for a, b in SNR_BANDS if value < b or b == hi)
+    if key in BOOLEANS:
+        return BOOLEANS[key][bool(value)]
+    return str(value)
+
+
+def _group_order(key: str, groups: set[str]) -> list[str]:
+    if key == "snr_db":
+        bands = [f"under {SNR_BANDS[0][0]:g} dB", *(f"{a:g}–{b:g} dB" for a, b in SNR_BANDS),
+                 f"over {SNR_BANDS[-1][1]:g} dB"]
+        return [b for b in bands if b in groups]
+    if key in BOOLEANS:
+        return [g for g in BOOLEANS[key] if g in groups]
+    return sorted(groups)
+
+
+def robustness_table(refs: dict[str, str], hyps: dict[str, str], conditions: dict[str, dict]) -> dict:
+    """WER per group of each condition field present, over the utterances of ``hyps``.
+
+    Args:
+        refs, hyps: normalized reference and hypothesis per utterance id.
+        conditions: per utterance id, its condition fields (a row's :meth:`Utterance.conditions`).
+
+    Returns ``{field: {group: {"wer": ..., "utterances": n}}}``, groups in a fixed order (SNR
+    bands ascending, without before with), and ``"all"``: the WER over every utterance.
+    """
+    import jiwer
+
+    ids = [i for i in hyps if i in refs]
+    table: dict = {"all": {"wer": jiwer.wer([refs[i] for i in ids], [hyps[i] for i in ids]) if ids else None,
+                           "utterances": len(ids)}}
+    for key in CONDITIONS:
+        members: dict[str, list[str]] = {}
+        for i in ids:
+            value = conditions.get(i, {}).get(key)
+            if value is not None:
+                members.setdefault(group_of(key, value), []).append(i)
+        if members:
+            table[key] = {g: {"wer": jiwer.wer([refs[i] for i in members[g]], [hyps[i] for i in members[g]]),
+                              "utterances": len(members[g])} for g in _group_order(key, set(members))}
+    return table
+
+
+def conditions_of(manifest: Path) -> tuple[dict[str, dict], str]:
+    """Each utterance's conditions, by id, and where they come from."""
+    rows = read_manifest(manifest)
+    found = {r.id: r.conditions() for r in rows}
+    if any(found.values()):
+        return found, "the test manifest"
+    from nas.data import synth
+
+    drawn = synth.conditions(Path(manifest).parent)
+    if drawn and all(r.id in drawn and drawn[r.id]["text"] == r.text for r in rows):
+        return ({r.id: {k: v for k, v in drawn[r.id].items() if k != "text"} for r in rows},
+                "the synth corpus's parameters (its manifests predate condition fields)")
+    return found, "the test manifest"
+
+
+# ---- the retrained designs ------------------------------------------------------------------
+
+@dataclass
+class Robustness:
+    """Per design (``"trial N (label)"``), its robustness table and decoding."""
+
+    tables: dict[str, dict] = field(default_factory=dict)
+    decoding: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # where the conditions come from
+    test: str = ""  # the test manifest
+    missing: list[str] = field(default_factory=list)  # retrained designs whose weights are gone
+    why_not: str | None = None  # why nothing was measured
+
+
+def design_name(row: dict) -> str:
+    return f"trial {row['number']}" + (f" ({row['label']})" if row.get("label") else "")
+
+
+def robustness(rows: list[dict], data: str | None, out_dir: Path) -> Robustness | None:
+    """Robustness tables of the retrained ``rows`` (``retrained.json``) on the test split of corpus
+    ``data``; None when no row has weights to run (nothing to say)."""
+    runs = [r for r in rows if r.get("run_dir") and (Path(r["run_dir"]) / "model.safetensors").is_file()]
+    if not runs:
+        return None
+    result = Robustness(missing=[design_name(r) for r in rows if r not in runs])
+    if not data:
+        result.why_not = "the study names no corpus"
+        return result
+    from nas.data.corpus import resolve_data
+
+    try:
+        corpus = resolve_data(data, progress=False)
+        conditions, result.source = conditions_of(corpus.test)
+    except UserError as exc:
+        result.why_not = exc.line().removeprefix("error: ")
+        return result
+    result.test = str(corpus.test)
+    cache_path = Path(out_dir) / CACHE
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    features: dict[int, object] = {}
+    for row in runs:
+        key, hyps, refs, decoding = _hypotheses(row, corpus, features, cache)
+        cache[row["run_dir"]] = {"key": key, "decoding": decoding, "hyps": hyps, "refs": refs}
+        result.tables[design_name(row)] = robustness_table(refs, hyps, conditions)
+        result.decoding[design_name(row)] = decoding
+    atomic_write(cache_path, json.dumps(cache) + "\n")
+    return result
+
+
+def _hypotheses(row: dict, corpus, features: dict, cache: dict) -> tuple[str, dict, dict, str]:
+    """The design's test hypotheses and references by id, and its decoding; from ``cache`` when
+    its weights, decoder settings and test manifest are those cached."""
+    import torch
+
+    from nas.config import ArchConfig
+    from nas.data.features import FeatureConfig, FeatureSet, bucket_batches, collate
+    from nas.data.tokenizer import Tokenizer
+    from nas.decode import BeamDecoder, BeamSettings, greedy_decode
+    from nas.model import ConformerCTC
+
+    run = Path(row["run_dir"])
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    settings = metrics.get("decoder") if (run / "lm" / "lm.arpa").is_file() else None
+    digest = hashlib.sha256((run / "model.safetensors").read_bytes())
+    digest.update(Path(corpus.test).read_bytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    key = digest.hexdigest()
+    hit = cache.get(row["run_dir"])
+    if hit and hit.get("key") == key:
+        return key, hit["hyps"], hit["refs"], hit["decoding"]
+    arch = ArchConfig.from_dict(row["arch"]) if row.get("arch") else ArchConfig.load(run / "arch.json")
+    n_mels = arch.frontend.n_mels
+    if n_mels not in features:
+        features[n_mels] = FeatureSet(corpus.test, corpus.feature_cache, FeatureConfig(n_mels=n_mels))
+    test = features[n_mels]
+    model = ConformerCTC.load(arch, run / "model.safetensors").eval()
+    tokenizer = Tokenizer.load(run / "tokenizer.model")
+    decoder = None
+    if settings:
+        decoder = BeamDecoder(run / "lm", BeamSettings(**{k: settings[k] for k in (
+            "beam", "beam_tokens", "beam_threshold", "lm_weight", "word_score")}))
+    hyps = {}
+    with torch.no_grad():
+        for idx in bucket_batches(test.lengths, MAX_FRAMES, shuffle=False):
+            batch = collate(test, idx, tokenizer)
+            log_probs, lengths = model(batch.feats, batch.feat_lens)
+            texts = decoder(log_probs, lengths) if decoder else greedy_decode(log_probs, lengths, tokenizer)
+            hyps.update(zip(batch.ids, texts))
+    refs = dict(zip(test.ids, test.texts))
+    return key, hyps, refs, "beam + lexicon + LM" if decoder else "greedy"
+
+
+# ---- the report section ---------------------------------------------------------------------
+
+TITLE = "Robustness by recording condition"
+
+
+def robustness_section(r: Robustness) -> str:
+    """Test WER of each retrained design per condition group: one table per condition field."""
+    blocks = []
+    if r.why_not:
+        blocks.append(f"Not measured: {_escape(r.why_not)}.")
+    elif not r.tables:
+        blocks.append("Not measured: no retrained design has weights.")
+    else:
+        names = list(r.tables)
+        decodings = sorted(set(r.decoding.values()))
+        blocks.append(
+            f"Test WER of each retrained design ({', '.join(decodings)} decoding, as its run decoded), by the "
+            f"conditions of the test utterances, from {_escape(r.source)}. Each cell is the WER over the "
+            "utterances of that group (n in the header); a small group's WER is noisy.")
+        fields = [k for k in CONDITIONS if any(k in t for t in r.tables.values())]
+        if not fields:
+            blocks.append("The test manifest records no condition (accent, noise, snr_db, reverb, telephone).")
+        for key in fields:
+            groups: dict[str, int] = {}
+            for t in r.tables.values():
+                for g, cell in t.get(key, {}).items():
+                    groups.setdefault(g, cell["utterances"])
+            header = ["design", f"all (n={r.tables[names[0]]['all']['utterances']})",
+                      *(f"{g} (n={n})" for g, n in groups.items())]
+            rows = [[_escape(name), _pct(t["all"]["wer"]), *(_pct(t.get(key, {}).get(g, {}).get("wer"))
+                                                               for g in groups)] for name, t in r.tables.items()]
+            blocks.append(f"**By {TITLES[key]}**\n\n" + _table(header, rows))
+    if r.missing:
+        blocks.append(f"Not run (no weights in their run directories): {_escape(', '.join(r.missing))}.")
+    return "\n\n".join([f"## {TITLE}", *blocks])
+
+
+def markdown_tables(table: dict) -> str:
+    """One design's :func:`robustness_table` as Markdown: a table per condition field (for a model card)."""
+    out = []
+    for key in CONDITIONS:
+        if key in table:
+            out.append(_table([TITLES[key], "utterances", "WER"],
+                              [[g, str(c["utterances"]), _pct(c["wer"])] for g, c in table[key].items()]))
+    return "\n\n".join(out)
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{x:.1%}"
