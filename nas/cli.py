@@ -105,6 +105,13 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", default="1M", help="search: the budget (default 1M)")
     b.add_argument("--proxy", default="proxy", help="search: the proxy schedule (default proxy)")
     b.add_argument("--data", default="synth", help="search: the corpus (default synth)")
+    b.add_argument("--objective", default="wer", help="search: the proxy signal (default wer)")
+    b.add_argument("--fidelity-minutes", type=float, default=0,
+                   help="search: also compare --fidelity fixed and asha, this many minutes each (default: skip)")
+    b.add_argument("--reference", default="full", help="search: the schedule that retrains each mode's best design")
+    b.add_argument("--designs", default="unshared,paper",
+                   help="learn: which 1M baselines to train, comma-separated (default unshared,paper); each "
+                        "resumes from results/bench-learn/, so the benchmark can be run one design per sitting")
     b.set_defaults(run=_bench)
 
     data = sub.add_parser("data", help="prepare a corpus").add_subparsers(parser_class=_Parser)
@@ -141,7 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     se.add_argument("--proxy", default="proxy", help="the proxy schedule: a name or a YAML file")
     se.add_argument("--objectives", default="wer,bytes",
-                    help="a proxy signal (wer, cer, loss, train_loss), bytes, optionally macs")
+                    help="a proxy signal (wer, cer, loss, train_loss), bytes, optionally macs, rtf, memory")
     se.add_argument("--fidelity", default="fixed", choices=["fixed", "asha"],
                     help="fixed: every design trains the proxy; asha: successive halving over rungs")
     se.add_argument("--rungs", default="1,3,9", help="asha: rungs as multiples of the proxy's steps (default 1,3,9)")
@@ -160,6 +167,8 @@ def _build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--workers", type=_positive, default=2)
     rt.add_argument("--cpus-per-trial", type=_positive, default=1)
     rt.add_argument("--gpus-per-trial", type=_fraction, default=0, help="GPUs each trial asks Ray for (default 0)")
+    rt.add_argument("--seeds", type=_positive, default=1,
+                    help="train the best searched design and the baselines with this many seeds (default 1)")
     _study_options(rt)
     rt.set_defaults(run=_retrain)
 
@@ -256,7 +265,7 @@ def _search(args) -> int:
     from nas.budget import parse_budget
     from nas.search import SearchSettings, run_search
     from nas.space import load_space
-    from nas.study import parse_objectives
+    from nas.study import DEVICE_OBJECTIVES, parse_objectives
     from nas.schedule import load_schedule
 
     space = load_space(args.space)
@@ -265,6 +274,9 @@ def _search(args) -> int:
         raise UserError(str(args.space), "budget", "no budget in the space file; give --budget")
     objectives = parse_objectives(args.objectives)
     rungs = _rungs(args.rungs, args.eta)
+    if args.fidelity == "asha" and set(objectives) & set(DEVICE_OBJECTIVES):
+        raise UserError("--objectives", "", "rtf and memory are measured when a design's training ends, which a "
+                        "design stopped at a rung never reaches: use them with --fidelity fixed")
     load_schedule(args.proxy)  # a bad schedule is refused before anything starts
     _log_file(args.results / (args.study or space.name))
     run_search(SearchSettings(
@@ -289,7 +301,7 @@ def _retrain(args) -> int:
     study = open_existing_study(args.study, args.storage, args.results)
     _log_file(args.results / args.study)
     retrain(study, args.results / args.study, args.top, args.schedule, args.workers, args.cpus_per_trial,
-            args.address, args.gpus_per_trial)
+            args.address, args.gpus_per_trial, args.seeds)
     return 0
 
 
@@ -340,8 +352,12 @@ def _bench(args) -> int:
     from nas import bench
 
     search = {"trials": args.trials, "seeds": args.seeds, "space": args.space, "budget": args.budget,
-              "proxy": args.proxy, "data": args.data}
-    bench.run(args.which, args.out, search)
+              "proxy": args.proxy, "data": args.data, "objective": args.objective,
+              "fidelity_minutes": args.fidelity_minutes, "reference": args.reference}
+    designs = tuple(d.strip() for d in args.designs.split(","))
+    if not designs or not set(designs) <= {"unshared", "paper"}:
+        raise UserError("--designs", "", f"{args.designs!r}: expected unshared, paper or both, comma-separated")
+    bench.run(args.which, args.out, search, learn={"designs": designs})
     return 0
 
 

@@ -30,7 +30,7 @@ from nas.errors import UserError
 from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
-    HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
+    DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
 )
 from nas.trials import records, tally
 from nas.workers import Job, check_reachable, init_ray, prepare_data, run_dir, run_on_ray
@@ -107,7 +107,8 @@ class BudgetSearcher(Searcher):
         self._beat([cand.trial])  # at once: a trial with no heartbeat is never found stale if this driver dies
         job = Job(arch=cand.arch, schedule=self.schedule, corpus=self.corpus,
                   run_dir=run_dir(self.settings.out / "trials", cand.arch, self.schedule),
-                  threads=self.settings.cpus_per_trial, max_memory_mb=self.settings.max_trial_memory_mb)
+                  threads=self.settings.cpus_per_trial, max_memory_mb=self.settings.max_trial_memory_mb,
+                  measure=tuple(o for o in self.settings.objectives if o in DEVICE_OBJECTIVES))
         cand.trial.set_user_attr("run_dir", str(job.run_dir))
         return {"job": job}
 
@@ -142,7 +143,15 @@ class BudgetSearcher(Searcher):
         else:
             trial.set_user_attr("train_seconds", result.get("train_seconds"))
             trial.set_user_attr("trainer_seconds", result.get("trainer_seconds"))  # the whole train() call
-            self.study.tell(trial, objective_values(self.settings.objectives, result, trial.user_attrs))
+            if "device_seconds" in result:  # what the device measurement cost
+                trial.set_user_attr("device_seconds", result["device_seconds"])
+            try:
+                values = objective_values(self.settings.objectives, result, trial.user_attrs)
+            except ValueError as exc:
+                trial.set_user_attr("fail_reason", f"device measurement failed: {exc}")
+                self.study.tell(trial, state=TrialState.FAIL)
+            else:
+                self.study.tell(trial, values)
         self.on_finish(trial.number)
 
     # The search's state lives in Optuna storage; re-running the command is how a search resumes.

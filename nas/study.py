@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from nas.budget import Budget, Count, count
 from nas.config import ArchConfig
@@ -39,13 +39,19 @@ POINT_KEYS = ("step", "train_loss", "train_loss_mean", "dev_wer", "dev_cer", "de
               "train_s")
 
 
+# Costs measured on a trial's trained model (nas.device): objective name -> its key in the trial's
+# final report.
+DEVICE_OBJECTIVES = {"rtf": "rtf", "memory": "activation_memory_bytes"}
+
+
 def parse_objectives(text: str) -> tuple[str, ...]:
-    """``SIGNAL,bytes[,macs]``: a proxy signal first, then the sizes."""
+    """``SIGNAL,bytes[,macs][,rtf][,memory]``: a proxy signal first, then bytes, then optional costs
+    (MACs by arithmetic; the real-time factor and activation memory measured on the trained model)."""
     objectives = tuple(o.strip() for o in text.split(","))
     if len(objectives) < 2 or objectives[0] not in SIGNALS or objectives[1] != "bytes" or \
-            not set(objectives[2:]) <= {"macs"} or len(set(objectives)) != len(objectives):
+            not set(objectives[2:]) <= {"macs", *DEVICE_OBJECTIVES} or len(set(objectives)) != len(objectives):
         raise UserError("--objectives", "", f"{text!r}: expected a proxy signal ({', '.join(SIGNALS)}), then bytes, "
-                        "and optionally macs (e.g. loss,bytes)")
+                        f"and optionally macs, {', '.join(DEVICE_OBJECTIVES)} (e.g. loss,bytes)")
     return objectives
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 # A running trial records a heartbeat this often; one silent for GRACE seconds is stale.
@@ -178,10 +184,20 @@ def _sizes(arch: ArchConfig, c: Count, budget: Budget) -> dict:
 
 
 def objective_values(objectives: tuple[str, ...], result: dict, attrs: dict) -> list[float]:
-    """The values told to Optuna: proxy signals from the trial's final report, sizes from its
-    user attrs (``attrs``, written by the budget gate)."""
+    """The values told to Optuna: proxy signals and device costs from the trial's final report,
+    sizes from its user attrs (``attrs``, written by the budget gate). A device cost that could not
+    be measured is a ValueError."""
     sizes = {"bytes": attrs["bytes"], "macs": attrs["macs_per_second"]}
-    return [float(result[SIGNALS[o]]) if o in SIGNALS else sizes[o] for o in objectives]
+    values = []
+    for o in objectives:
+        if o in SIGNALS or o in DEVICE_OBJECTIVES:
+            value = result.get(SIGNALS[o] if o in SIGNALS else DEVICE_OBJECTIVES[o])
+            if value is None:
+                raise ValueError(f"{o} was not measured")
+            values.append(float(value))
+        else:
+            values.append(sizes[o])
+    return values
 
 
 def enqueue_design(study: optuna.Study, arch: ArchConfig, label: str) -> None:

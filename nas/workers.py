@@ -40,6 +40,7 @@ class Job:
         threads: torch threads (the CPUs Tune reserves for the trial).
         evaluate_test: evaluate on the test set at the end (retraining does; the search does not).
         max_memory_mb: the trainer's memory guard, or None.
+        measure: device costs to measure on the trained model (:mod:`nas.device`): ``rtf``, ``memory``.
     """
 
     arch: ArchConfig
@@ -49,6 +50,7 @@ class Job:
     threads: int = 1
     evaluate_test: bool = False
     max_memory_mb: float | None = None
+    measure: tuple[str, ...] = ()  # device costs measured on the trained model (nas.device)
 
 
 def run_key(arch: ArchConfig, schedule: Schedule) -> str:
@@ -75,6 +77,7 @@ def trainable(config: dict) -> None:
     import torch
     from ray import tune
 
+    from nas.device import measure_device
     from nas.train import train
 
     job: Job = config["job"]
@@ -84,11 +87,12 @@ def trainable(config: dict) -> None:
         metrics = train(job.arch, job.schedule, job.corpus, job.run_dir, threads=job.threads,
                         progress=False, evaluate_test=job.evaluate_test, max_memory_mb=job.max_memory_mb,
                         callback=lambda step, point: tune.report(point))
+        device = measure_device(job.run_dir, job.arch, job.corpus, job.measure) if job.measure else {}
     except Exception as exc:  # noqa: BLE001 - every failure becomes a failed trial with its reason
         reason = exc.line() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         tune.report({"error": reason[:500]})
         return
-    tune.report({"final": True, **{f"dev_{k}": v for k, v in metrics["dev"].items() if isinstance(v, float)},
+    tune.report({"final": True, **device, **{f"dev_{k}": v for k, v in metrics["dev"].items() if isinstance(v, float)},
                  "train_loss_mean": metrics["train_loss_mean"], "step": metrics["steps"],
                  "train_seconds": metrics["train_seconds"], "trainer_seconds": time.perf_counter() - t0})
 

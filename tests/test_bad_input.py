@@ -443,6 +443,8 @@ ARGS = {
                          "error: cli: search: argument --max-trial-memory: '12XB' is not a size"),
     "unknown schedule": (["search", TINY, "--proxy", "quick"], "error: --schedule: no schedule named 'quick'"),
     "unknown option": (["search", TINY, "--gpus", "2"], "error: cli: nas: unrecognized arguments: --gpus 2"),
+    "unknown bench design": (["bench", "learn", "--designs", "unshared,tiny"],
+                             "error: --designs: 'unshared,tiny': expected unshared, paper or both"),
     "export with no choice": (["export", "s", "--out", "x"], "error: cli: export: one of the arguments --design"),
     "unreachable Ray": (["search", TINY, "--address", "127.0.0.1:1", "--data", "synth:0.01"],
                         "error: --address: cannot reach a Ray cluster at '127.0.0.1:1'"),

@@ -33,3 +33,17 @@ def test_tiny_search_leaves_a_front_and_trains_nothing_over_budget(tiny_corpus_d
     labels = {t.user_attrs.get("label") for t in study.get_trials()}
     assert {"unshared", "paper"} <= labels  # the built-in baselines are always in the race
     print(f"tiny search: 5 trials in {elapsed:.0f} s")
+
+
+def test_device_objectives_are_measured_on_each_trained_model(tiny_corpus_dir, tmp_path):
+    r = run(nas_search(tmp_path, tiny_corpus_dir, "--objectives", "wer,bytes,rtf,memory", trials=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load(tmp_path)
+    complete = [x for x in records(study) if x.state == "complete"]
+    assert complete
+    for x in complete:
+        assert set(x.values) == {"wer", "bytes", "rtf", "memory"}
+        assert 0 < x.values["rtf"] < 1 and x.values["memory"] > 0  # a tiny model runs far faster than real time
+        assert study.trials[x.number].user_attrs["device_seconds"] > 0  # what measuring cost, recorded
+    front = json.loads((tmp_path / "t" / "pareto.json").read_text())
+    assert front["objectives"] == ["wer", "bytes", "rtf", "memory"]

@@ -28,11 +28,12 @@ BENCHMARKS = {"budget": ("speed", "bench_budget"), "train": ("speed", "bench_tra
               "fidelity": ("fidelity", "bench_fidelity"), "deploy": ("deploy", "bench_deploy")}
 
 
-def run(which: str, out_dir: Path, search: dict | None = None) -> dict:
-    """Run one benchmark or all; ``search`` overrides :func:`bench_search`'s arguments."""
+def run(which: str, out_dir: Path, search: dict | None = None, learn: dict | None = None) -> dict:
+    """Run one benchmark or all; ``search`` and ``learn`` override :func:`bench_search`'s and
+    :func:`bench_learn`'s arguments."""
     names = list(BENCHMARKS) if which == "all" else [which]
     overrides = {"search": {"results": out_dir / "bench-search"} | (search or {}),
-                 "learn": {"results": out_dir / "bench-learn"}, "fidelity": {"results": out_dir / "bench-fidelity"},
+                 "learn": {"results": out_dir / "bench-learn"} | (learn or {}), "fidelity": {"results": out_dir / "bench-fidelity"},
                  "deploy": {"results": out_dir / "bench-deploy"}}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
@@ -44,6 +45,8 @@ def run(which: str, out_dir: Path, search: dict | None = None) -> dict:
         figures = bench(**overrides.get(name, {}))
         for key, value in figures.items():
             print(f"  {key}: {value}")
+        if name == "learn":  # run one design per sitting: the designs measured before are kept
+            figures = {k: v for k, v in results.get(name, {}).items() if k != "measured"} | figures
         results[name] = figures | {"measured": time.strftime("%Y-%m-%d %H:%M")}
     atomic_write(path, json.dumps(results, indent=2) + "\n")
     atomic_write(out_dir / "bench.md", _markdown(results))

@@ -25,7 +25,7 @@ from nas.config import ArchConfig
 from nas.errors import UserError
 
 RESULTS = Path("results")
-DEFAULT_RUNS = ("full-1m",)  # the 1M unshared design (nas train unshared-d96.json --schedule full)
+DEFAULT_RUNS = ("full-1m",)  # the 1M unshared design (nas train unshared-1m.json --schedule full)
 BYTES_GOAL, WER_GOAL = 0.01, 0.01  # within 1% of the arithmetic; at most 1.0 point of WER lost
 
 
@@ -44,7 +44,7 @@ def bench_deploy(runs: list[str | Path] | None = None, data: str = "synth", dtyp
     runs = [Path(r) for r in runs] if runs else default_runs()
     if not runs:
         raise UserError(str(RESULTS / DEFAULT_RUNS[0]), "", "no trained run directory to export (train one: nas "
-                        "train search_spaces/designs/unshared-d96.json --schedule full --data synth --out results/full-1m)")
+                        "train search_spaces/designs/unshared-1m.json --schedule full --data synth --out results/full-1m)")
     from nas.export import write_export
 
     figures: dict = {"dtype": dtype, "activations": activations, "data": data, "threads": 1}

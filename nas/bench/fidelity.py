@@ -32,27 +32,12 @@ SIGNALS = {"loss": "dev_loss", "cer": "dev_cer", "wer": "dev_wer", "train_loss":
 BINS = ((200_000, 400_000), (400_000, 600_000), (600_000, 800_000), (800_000, 1_000_000))
 
 
-def sharing_levels(arch) -> tuple[str, ...]:
-    """The sharing levels a design uses: blocks, modules, ties, low rank."""
-    sh, L = arch.sharing, arch.encoder.n_layers
-    levels = []
-    if len(set(arch.block_map())) < L:
-        levels.append("blocks")
-    blocks = len(set(arch.block_map()))
-    if any(arch.n_instances(kind) < blocks for kind in ("ffn", "attn", "conv")):
-        levels.append("modules")
-    if any(tied for _, tied in sh.ties):
-        levels.append("ties")
-    if any(getattr(sh.low_rank, f).rank for f in ("ffn_in", "ffn_out", "attn_qkv", "attn_out", "conv_pw")):
-        levels.append("low rank")
-    return tuple(levels)
-
-
 def draw_designs(seed: int = 0, per_bin: int = 2, samples: int = 4000) -> list[dict]:
     """The baselines, then ``per_bin`` designs of paper.yaml per size bin, spread over sharing levels:
     in each bin, first the design using the most levels, then the one whose levels differ most."""
     from nas.baselines import baselines
     from nas.budget import count, parse_budget
+    from nas.describe import sharing_levels
     from nas.space import load_space
 
     space, budget = load_space(ROOT / "search_spaces" / "paper.yaml"), parse_budget("1M")
@@ -97,6 +82,7 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     from nas.asha import Rungs
     from nas.budget import count
     from nas.data.corpus import resolve_data
+    from nas.describe import sharing_levels
     from nas.schedule import load_schedule
     from nas.train import train
 
