@@ -33,7 +33,9 @@ class Schedule(BaseModel):
 
     ``batch_frames`` counts padded 10 ms log-mel frames per batch. The learning rate warms up
     linearly for ``warmup_steps``, then decays along a cosine to ``final_lr_ratio`` of its peak.
-    ``sort_first_steps`` steps take their batches shortest first (SortaGrad, Amodei et al. 2016),
+    SpecAugment's masks apply from step ``specaugment_from`` on (early masks slow the first
+    learning; late ones keep a small model from overfitting). ``sort_first_steps`` steps take their
+    batches shortest first (SortaGrad, Amodei et al. 2016),
     the rest in a shuffled order. With ``ema`` (a decay such as 0.995) the weights evaluated and
     saved are an exponential moving average of the trained ones. ``eval_every`` steps the dev set (its first ``eval_utterances``)
     is decoded greedily. ``decode`` says how the final evaluation decodes: ``greedy``, or ``beam``
@@ -52,6 +54,7 @@ class Schedule(BaseModel):
     grad_clip: float = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     specaugment: _Augment = _Augment()
+    specaugment_from: int = Field(0, ge=0)
     sort_first_steps: int = Field(0, ge=0)
     ema: float = Field(0.0, ge=0, lt=1)
     eval_every: int = Field(gt=0)

@@ -108,7 +108,8 @@ def train(
         state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
         log.info("resuming %s at step %d", out, state["step"])
 
-    augment = SpecAugment(**schedule.specaugment.model_dump())
+    masks = schedule.specaugment
+    augment = SpecAugment(**masks.model_dump()) if masks.freq_masks or masks.time_masks else None
     gen = torch.Generator().manual_seed(schedule.seed + state["step"])
     eval_limit = schedule.eval_utterances
     stopped_early, streak, loss_sum, loss_n = False, 0, 0.0, 0
@@ -127,7 +128,8 @@ def train(
                                      seed=schedule.seed + state["step"])
             if sorted_epoch:
                 batches.reverse()  # batches are taken from the end: shortest first
-        batch = collate(train_set, batches.pop(), tokenizer, augment, gen).to(device)
+        late = state["step"] >= schedule.specaugment_from  # SpecAugment only once the model has learned a little
+        batch = collate(train_set, batches.pop(), tokenizer, augment if late else None, gen).to(device)
         model.train()
         log_probs, out_lens = model(batch.feats, batch.feat_lens)
         loss = F.ctc_loss(log_probs.transpose(0, 1), batch.targets, out_lens, batch.target_lens,
