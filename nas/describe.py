@@ -47,6 +47,21 @@ def sharing_in_words(arch: ArchConfig) -> str:
     return "; ".join(clauses)
 
 
+LEVELS = ("blocks", "modules", "ties", "low rank")  # the four sharing levels of Hernandez et al. 2023
+
+
+def sharing_levels(arch: ArchConfig) -> tuple[str, ...]:
+    """The sharing levels ``arch`` uses, in :data:`LEVELS` order: repeated blocks, modules shared
+    among stored blocks, tied sub-components, low-rank factors."""
+    blocks = arch.block_map()
+    n_blocks = len(set(blocks))
+    used = {"blocks": n_blocks < len(blocks),
+            "modules": any(arch.n_instances(kind) < n_blocks for kind in KINDS),
+            "ties": any(tied for _, tied in arch.sharing.ties),
+            "low rank": any(getattr(arch.sharing.low_rank, f).rank for f in FAMILY_WORDS)}
+    return tuple(level for level in LEVELS if used[level])
+
+
 def layer_map(arch: ArchConfig) -> str:
     """Per virtual layer, the stored block and the module instance of each kind it uses."""
     blocks = arch.block_map()

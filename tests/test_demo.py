@@ -25,6 +25,16 @@ def test_the_main_job_runs_end_to_end_at_ci_scale(tmp_path):
     assert {"unshared", "paper"} <= {r["label"] for r in rows}
     assert all(r["full_test_wer"] is not None for r in rows)
     assert "Headline: the searched design against the baselines" in (out / "report.md").read_text()
+    # The best searched design and both baselines were retrained with the scale's 2 seeds; the
+    # headline names them with their seeds (at this scale nothing learns: the verdict says so).
+    seeds = {}
+    for r in rows:
+        seeds.setdefault(r["number"], set()).add(r["seed"])
+    headline = json.loads((out / "headline.json").read_text())
+    assert headline["searched"] and seeds[headline["searched"]["trial"]] == {0, 1}
+    for label in ("unshared", "paper"):
+        assert headline["baselines"][label]["seeds"] == [0, 1]
+    assert headline["verdict"] in ("nothing learned", "within noise", "yes", "no")
     exported = json.loads((out / "export" / "arch.json").read_text())
     assert ArchConfig.load(out / "export" / "arch.json") == ArchConfig.from_dict(exported["arch"])
     assert exported["provenance"]["full_dev_wer"] is not None

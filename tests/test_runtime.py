@@ -125,7 +125,7 @@ def test_transcribe_never_imports_torch(export_with_lm, tiny_corpus_dir):
     stderr, and torch never in sys.modules."""
     wavs = [str(r.audio) for r in read_manifest(tiny_corpus_dir / "test.jsonl")[:2]]
     script = ("import sys; from nas.cli import main\n"
-              f"rc = main(sys.argv[1:])\n"
+              "rc = main(sys.argv[1:])\n"
               "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
               "sys.exit(rc)")
     rec = Recognizer(export_with_lm)
@@ -136,7 +136,7 @@ def test_transcribe_never_imports_torch(export_with_lm, tiny_corpus_dir):
         assert r.returncode == 0, r.stderr[-2000:]
         lines = r.stdout.splitlines()
         assert [line.split("\t")[0] for line in lines] == wavs
-        assert f"2 files" in r.stderr and decoding in r.stderr and "real-time factor" in r.stderr
+        assert "2 files" in r.stderr and decoding in r.stderr and "real-time factor" in r.stderr
         if not extra:
             assert [line.split("\t")[1] for line in lines] == [rec.transcribe(w) for w in wavs]
 

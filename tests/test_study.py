@@ -65,7 +65,7 @@ def test_tpe_learns_the_budget_waste_after_20_trials_is_under_20_percent(tmp_pat
 def test_tally_counts_what_happened(tmp_path):
     study = study_in(tmp_path)
     gate = BudgetGate(study, PAPER, parse_budget("1M"))
-    a, b, c = gate.next_feasible(), gate.next_feasible(), gate.next_feasible()
+    a, b, _ = gate.next_feasible(), gate.next_feasible(), gate.next_feasible()  # the third stays running
     study.tell(a.trial, [0.5, a.count.bytes()])
     b.trial.set_user_attr("fail_reason", "boom")
     study.tell(b.trial, state=TrialState.FAIL)

@@ -8,7 +8,6 @@ Trials are read through :func:`nas.trials.records`, the front and the hypervolum
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ import optuna
 from nas.pareto import front, hypervolume_curve, nondominated_ranks, reference_point
 from nas.trials import Tally, TrialRecord, tally
 
-BASELINES = ("unshared", "paper")
-WIN_MARGIN = 0.10  # relative WER improvement the searched design must reach over each baseline
 MIN_ROWS_FOR_FIDELITY = 3
 ERROR_RATES = ("wer", "cer")
 
@@ -136,63 +133,21 @@ class Fidelity:
 
 
 def fidelity(retrained: list[dict]) -> Fidelity:
+    """Over the retrained designs (a design retrained with several seeds counts once, at its first
+    seed: the proxy ranked it once)."""
     from scipy.stats import kendalltau, spearmanr
 
-    out = Fidelity(list(retrained))
-    if len(retrained) < MIN_ROWS_FOR_FIDELITY:
+    first = {}
+    for r in sorted(retrained, key=lambda r: r.get("seed", 0)):
+        first.setdefault(r["number"], r)
+    out = Fidelity(list(first.values()))
+    if len(out.rows) < MIN_ROWS_FOR_FIDELITY:
         return out
     with warnings.catch_warnings():  # constant input: scipy warns and returns nan, which the report explains
         warnings.simplefilter("ignore")
         out.tau, out.tau_p = map(float, kendalltau(out.proxy, out.full))
         out.rho, out.rho_p = map(float, spearmanr(out.proxy, out.full))
     return out
-
-
-# ---- the headline -------------------------------------------------------------------------
-
-VERDICTS = ("yes", "no", "no searched design", "baseline missing", "nothing learned")
-
-
-@dataclass
-class Headline:
-    """The best searched design (lowest full dev WER within the budget) against the baselines.
-
-    ``gains``: its relative test-WER improvement over each retrained baseline (negative: worse;
-    ``-inf`` against a baseline at 0). ``verdict`` is one of :data:`VERDICTS`.
-    """
-
-    best: dict | None
-    baselines: dict[str, dict | None]
-    gains: dict[str, float]
-    verdict: str
-
-    @property
-    def missing(self) -> list[str]:
-        return [label for label, r in self.baselines.items() if r is None]
-
-
-def gain(best: dict, other: dict) -> float:
-    """Relative test-WER improvement of ``best`` over ``other`` (negative: ``best`` is worse)."""
-    if other["full_test_wer"] == 0:
-        return 0.0 if best["full_test_wer"] == 0 else -math.inf
-    return (other["full_test_wer"] - best["full_test_wer"]) / other["full_test_wer"]
-
-
-def headline(retrained: list[dict], budget_bytes: int) -> Headline:
-    """The verdict: the test set plays no part in choosing the searched design (dev WER does)."""
-    searched = [r for r in retrained if not r.get("label") and r["bytes"] <= budget_bytes]
-    best = min(searched, key=lambda r: r["full_dev_wer"]) if searched else None
-    base = {label: next((r for r in retrained if r.get("label") == label), None) for label in BASELINES}
-    gains = {label: gain(best, r) for label, r in base.items() if best is not None and r is not None}
-    if best is None:
-        verdict = "no searched design"
-    elif any(r is None for r in base.values()):
-        verdict = "baseline missing"
-    elif min([best["full_test_wer"]] + [r["full_test_wer"] for r in base.values()]) >= 1.0:
-        verdict = "nothing learned"  # no design learned to spell words: differences mean nothing
-    else:
-        verdict = "yes" if all(g >= WIN_MARGIN for g in gains.values()) else "no"
-    return Headline(best, base, gains, verdict)
 
 
 # ---- the search summary -------------------------------------------------------------------

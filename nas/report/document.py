@@ -16,9 +16,11 @@ from itertools import groupby
 from pathlib import Path
 
 from nas.describe import layer_map, sharing_in_words
-from nas.report.analysis import (BASELINES, MIN_ROWS_FOR_FIDELITY, WIN_MARGIN, Fidelity, FrontView, Headline,
+from nas.report.analysis import (MIN_ROWS_FOR_FIDELITY, Fidelity, FrontView,
                                  Hypervolume, Signal, Summary)
 from nas.report.importance import MIN_TRIALS_FOR_IMPORTANCE, Importance
+from nas.report.sharing import LEVELS, FrontSharing
+from nas.report.verdict import GOAL_RATIO, NOISE_SIGMAS, Entry, Headline
 from nas.trials import STATES
 
 
@@ -42,22 +44,35 @@ HEADLINE = "Headline: the searched design against the baselines"
 
 
 def headline_section(h: Headline) -> str:
-    """Full-retrain test WER of the best searched design against the two hand-made baselines."""
+    """Full-retrain test WER of the best searched design against the two hand-made baselines, as
+    mean ± standard deviation over seeds, and the verdict of :mod:`nas.report.verdict`."""
     rows = []
-    for name, r in (("searched (best full dev WER)", h.best), ("unshared Conformer", h.baselines["unshared"]),
+    for name, e in (("searched (best mean full dev WER)", h.best), ("unshared Conformer", h.baselines["unshared"]),
                     ("paper-style hand design", h.baselines["paper"])):
-        if r is None:
-            rows.append([name, "not retrained", "", "", "", "", "", ""])
+        if e is None:
+            rows.append([name, "not retrained", "", "", "", "", "", "", ""])
             continue
-        vs = "—" if r is h.best else _relative(h.gains[r["label"]]) if h.best else ""
-        rows.append([name, str(r["number"]), f"{r['physical_params']:,}", f"{r['bytes']:,}",
-                     _pct(r["full_dev_wer"]), _pct(r["full_test_wer"]), _pct(r["full_test_cer"]), vs])
-    return _section(HEADLINE, _table(["design", "trial", "params", "bytes", "dev WER", "test WER", "test CER",
-                                      "searched design's test WER vs this"], rows),
+        c = h.comparisons.get(e.name)
+        vs = "—" if e is h.best else f"{_relative(1 - c.ratio)}, {c.outcome}" if c else ""
+        first = e.rows[0]
+        rows.append([name, str(e.number), f"{first['physical_params']:,}", f"{first['bytes']:,}",
+                     ", ".join(map(str, e.seeds)), _pct(e.mean("full_dev_wer")), _mean_std(e, "full_test_wer"),
+                     _pct(e.mean("full_test_cer")), vs])
+    decoding = next((e.rows[0].get("decoding") for e in (h.best, *h.baselines.values()) if e), None)
+    return _section(HEADLINE, _table(["design", "trial", "params", "bytes", "seeds", "dev WER", "test WER",
+                                      "test CER", "searched design against this"], rows),
                     f"**{_verdict(h)}**",
-                    "WERs after full retraining. The searched design is the retrained design the search found "
-                    "(no label) with the lowest full dev WER within the budget, so the test set plays no part in "
-                    "choosing it.")
+                    "WERs after full retraining" + (f", decoded with {decoding}" if decoding else "") + "; test WER "
+                    "as mean ± standard deviation over seeds. The searched design is the retrained design the "
+                    "search found (no label) with the lowest mean full dev WER within the budget, so the test set "
+                    f"plays no part in choosing it. It **beats** a baseline when its mean test WER is lower by more "
+                    f"than {NOISE_SIGMAS:g} times the larger standard deviation of the two; a difference smaller "
+                    "than that is **within noise**.")
+
+
+def _mean_std(e: Entry, key: str) -> str:
+    std = e.std(key)
+    return _pct(e.mean(key)) + ("" if std is None else f" ± {std * 100:.1f}")
 
 
 def _verdict(h: Headline) -> str:
@@ -65,13 +80,23 @@ def _verdict(h: Headline) -> str:
         return "No verdict: no searched design within the budget was retrained in full."
     if h.verdict == "baseline missing":
         return f"No verdict: the {' and '.join(h.missing)} baseline was not retrained in full."
-    text = " and ".join(f"{_relative(h.gains[label])} vs {label}" for label in BASELINES)
+    text = "; ".join(f"{_pct(h.best.mean('full_test_wer'))} against {label}'s "
+                     f"{_pct(h.baselines[label].mean('full_test_wer'))} ({c.outcome})"
+                     for label, c in h.comparisons.items())
+    goal = (f" Its mean is {h.goal_ratio:.2f}x the better baseline's (goal: at most {GOAL_RATIO:.2f}x, "
+            f"{'met' if h.goal_ratio <= GOAL_RATIO else 'not met'}).") if h.goal_ratio is not None else ""
+    trial = f"the searched design (trial {h.best.number})"
     if h.verdict == "nothing learned":
         return (f"No verdict: every design's test WER is at least 100% ({text}); the retrain schedule was too "
                 "short for any of them to learn to spell words, so these differences mean nothing.")
-    beats = "beats" if h.verdict == "yes" else "does not beat"
-    return (f"{'Yes' if h.verdict == 'yes' else 'No'}: the searched design (trial {h.best['number']}) {beats} both "
-            f"baselines by {'at least ' if h.verdict == 'yes' else ''}{WIN_MARGIN:.0%} relative test WER ({text}).")
+    if h.verdict == "no noise estimate":
+        return (f"No verdict yet: {trial} and the baselines were retrained with one seed only, so there is no "
+                f"noise estimate ({text}). Retrain with --seeds 3." + goal)
+    if h.verdict == "yes":
+        return f"Yes: {trial} beats both baselines beyond seed noise: {text}." + goal
+    if h.verdict == "no":
+        return f"No: {trial} is worse than a baseline beyond seed noise: {text}." + goal
+    return f"Within noise: {trial} does not beat both baselines beyond seed noise: {text}." + goal
 
 
 def how_to_read_section(s: Signal) -> str:
@@ -99,6 +124,40 @@ def front_section(v: FrontView, png: str) -> str:
             [str(r.number), _escape(r.label), f"{v.size(r):,}", _value(v.signal, v.value(r)),
              "on the front" if r.number in on else "dominated"] for r in v.labelled]))
     return _section("The front", *blocks)
+
+
+def sharing_section(f: FrontSharing, signal: Signal) -> str:
+    """Which sharing levels the front uses, and each front design against the unshared baseline."""
+    if not f.designs:
+        return _section("What the front shares", "No design has been trained yet.")
+    n = len(f.designs)
+    uses = ", ".join(f"{f.using(level)} of {n} {LEVEL_WORDS[level]}" for level in LEVELS)
+    text = [f"Of the {_n(n, 'design')} on the front, {uses}."]
+    if f.baseline is not None:
+        best = f.best_within_baseline_bytes
+        base = (f"the unshared baseline (trial {f.baseline.number}, "
+                f"{_value(signal, f.baseline_value)} proxy {signal.title})")
+        if best is None:
+            text.append(f"No front design is as small as {base}.")
+        else:
+            better = "better than" if best.value_difference < 0 else "no better than"
+            text.append(f"With no more bytes than {base}, the best front design is trial {best.record.number} "
+                        f"({', '.join(best.levels) or 'nothing shared'}; {best.bytes_ratio:.0%} of its bytes, "
+                        f"{best.virtual_layers} virtual layers on {best.stored_blocks} stored blocks) at "
+                        f"{_value(signal, best.value)}: {better} the design that shares nothing. Proxy values rank "
+                        "designs; the headline says whether the difference holds after full training.")
+    rows = [[str(d.record.number), ", ".join(d.levels) or "none", f"{d.virtual_layers} / {d.stored_blocks}",
+             f"{d.bytes:,}", "" if d.bytes_ratio is None else f"{d.bytes_ratio:.0%}", _value(signal, d.value),
+             "" if d.value_difference is None else
+             (f"{d.value_difference:+.1%}" if signal.is_rate else f"{d.value_difference:+.4g}")]
+            for d in f.designs]
+    return _section("What the front shares", " ".join(text), _table(
+        ["trial", "sharing levels", "virtual layers / stored blocks", "bytes", "bytes vs unshared",
+         f"proxy {signal.title}", "vs unshared"], rows))
+
+
+LEVEL_WORDS = {"blocks": "repeat stored blocks", "modules": "share modules among blocks",
+               "ties": "tie sub-components", "low rank": "factor matrices at low rank"}
 
 
 def pareto_table_section(v: FrontView) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -11,6 +12,8 @@ from nas.report import analysis, document, plots
 from nas.report.importance import importance
 from nas.report.page import to_html
 from nas.report.robustness import robustness, robustness_section
+from nas.report.sharing import front_sharing
+from nas.report.verdict import headline, headline_json
 from nas.trials import objectives_of, records
 
 PNGS = ("front.png", "hypervolume.png", "importance.png", "fidelity.png")
@@ -34,15 +37,19 @@ def write_report(study: optuna.Study, out_dir: Path, budget_bytes: int, dtype: s
     # A retrain that failed has no full WER: it is reported as not retrained.
     retrained = [r for r in retrained or [] if r.get("full_test_wer") is not None]
 
+    head = headline(retrained, budget_bytes) if retrained else None
+    if head is not None:  # the verdict as data, beside retrained.json
+        atomic_write(out_dir / "headline.json", json.dumps(headline_json(head), indent=2) + "\n")
     view = analysis.front_view(study, recs, signal, budget_bytes, dtype)
     hv = analysis.hypervolume(recs, signal, budget_bytes, dtype)
     imp = importance(recs, signal)
     fid = analysis.fidelity(retrained)
     rob = robustness(retrained, study.user_attrs.get("settings", {}).get("data"), out_dir)
     sections = [
-        document.headline_section(analysis.headline(retrained, budget_bytes)) if retrained else None,
+        document.headline_section(head) if head else None,
         document.how_to_read_section(signal),
         document.front_section(view, plots.front_png(view, out_dir / "front.png")),
+        document.sharing_section(front_sharing(view), signal),
         document.pareto_table_section(view),
         document.layer_map_section(view),
         document.hypervolume_section(hv, plots.hypervolume_png(hv, out_dir / "hypervolume.png")),
