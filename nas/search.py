@@ -228,7 +228,8 @@ def run_search(s: SearchSettings) -> optuna.Study:
     t = tally(records(study))
     print(f"study {s.study}: {t.done} trials done ({t['complete']} complete, {t['failed']} failed); "
           f"{t['infeasible']} infeasible samples ({t.infeasible_share:.0%} of {t.samples} samples); "
-          f"front in {s.out / 'pareto.json'}")
+          + (f"{t['invalid']} invalid samples (the space allows what ArchConfig refuses: see trials.csv); "
+             if t["invalid"] else "") + f"front in {s.out / 'pareto.json'}")
     print(corpus_line)  # the run summary repeats what the corpus lost, after the trials' lines
     return study
 

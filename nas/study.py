@@ -154,7 +154,7 @@ class BudgetGate:
             try:
                 arch = self._design(trial)
             except UserError as exc:  # a combination the space allows but ArchConfig refuses
-                trial.set_user_attr("invalid", exc.why)
+                trial.set_user_attr("invalid", f"{exc.field}: {exc.why}" if exc.field else exc.why)
                 self.study.tell(trial, state=TrialState.FAIL)
                 continue
             c = count(arch)

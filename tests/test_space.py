@@ -1,6 +1,7 @@
 """Search-space files: loading, validation with named keys, realizing designs."""
 
 import random
+from pathlib import Path
 
 import optuna
 import pytest
@@ -144,3 +145,16 @@ def test_specs_are_models_and_when_lists_its_values():
     assert isinstance(layers, Choice) and layers.choice == (2, 4) and layers.when == {"$a": (4,)}
     # $a is 1 or 4; only at 4 is n_layers sampled (2 or 4, times 4); otherwise it keeps its default, 16
     assert {space.random(random.Random(seed)).encoder.n_layers for seed in range(30)} == {8, 16}
+
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SPACES.glob("*.yaml")))
+def test_every_committed_space_samples_only_valid_designs(name):
+    """A space whose knobs leave out a field ArchConfig requires (a module map's pattern, say)
+    would spend its samples on invalid designs and never search the choices behind them."""
+    space = load_space(SPACES / name)
+    rng = random.Random(0)
+    for _ in range(200):
+        space.random(rng)  # raises UserError on a design ArchConfig refuses
