@@ -537,3 +537,19 @@ def test_nas_export_defaults_to_the_budgets_dtype_and_prints_the_figures(plain_l
     assert f"weights in model.onnx: {count(PLAIN).bytes('int8'):,} B; budget arithmetic" in printed
     assert "int8: greedy WER" in printed and "RTF" in printed and "(10 s)" in printed
     assert provenance(out)["deployment"]["test"]["utterances"] == 2
+
+
+def test_best_under_a_budget_ranks_designs_by_their_mean_dev_wer_over_seeds():
+    """With seeds, a design's lucky run does not win the export: the design with the lower mean does
+    (the headline's rule), and of its runs the one with the lowest dev WER is exported."""
+    from nas.budget import parse_budget
+    from nas.retrain import pick_best_under
+
+    def row(number, seed, dev, size=1000):
+        return {"number": number, "seed": seed, "full_dev_wer": dev, "bytes_by_dtype": {"fp32": size}}
+
+    rows = [row(0, 0, 0.30), row(0, 1, 0.50), row(0, 2, 0.49),  # mean 0.43, best run 0.30
+            row(1, 0, 0.40), row(1, 1, 0.36), row(1, 2, 0.41),  # mean 0.39
+            row(2, 0, 0.10, size=10_000)]  # over the budget
+    best = pick_best_under(rows, parse_budget("1KB@fp32"))
+    assert (best["number"], best["seed"]) == (1, 1)
