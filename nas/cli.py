@@ -105,10 +105,12 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", default="1M", help="search: the budget (default 1M)")
     b.add_argument("--proxy", default="proxy", help="search: the proxy schedule (default proxy)")
     b.add_argument("--data", default="synth", help="search: the corpus (default synth)")
-    b.add_argument("--objective", default="wer", help="search: the proxy signal (default wer)")
+    b.add_argument("--objective", default="cer", help="search: the proxy signal (default cer)")
     b.add_argument("--fidelity-minutes", type=float, default=0,
                    help="search: also compare --fidelity fixed and asha, this many minutes each (default: skip)")
     b.add_argument("--reference", default="full", help="search: the schedule that retrains each mode's best design")
+    b.add_argument("--runs", type=Path, nargs="+",
+                   help="deploy: trainer run directories to export (default results/full-1m and results/full-1m-*)")
     b.add_argument("--designs", default="unshared,paper",
                    help="learn: which 1M baselines to train, comma-separated (default unshared,paper); each "
                         "resumes from results/bench-learn/, so the benchmark can be run one design per sitting")
@@ -147,8 +149,9 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     se.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     se.add_argument("--proxy", default="proxy", help="the proxy schedule: a name or a YAML file")
-    se.add_argument("--objectives", default="wer,bytes",
-                    help="a proxy signal (wer, cer, loss, train_loss), bytes, optionally macs, rtf, memory")
+    se.add_argument("--objectives", default="cer,bytes",
+                    help="a proxy signal (cer, wer, loss, train_loss), bytes, optionally macs, rtf, memory "
+                         "(default cer,bytes)")
     se.add_argument("--fidelity", default="fixed", choices=["fixed", "asha"],
                     help="fixed: every design trains the proxy; asha: successive halving over rungs")
     se.add_argument("--rungs", default="1,3,9", help="asha: rungs as multiples of the proxy's steps (default 1,3,9)")
@@ -357,7 +360,8 @@ def _bench(args) -> int:
     designs = tuple(d.strip() for d in args.designs.split(","))
     if not designs or not set(designs) <= {"unshared", "paper"}:
         raise UserError("--designs", "", f"{args.designs!r}: expected unshared, paper or both, comma-separated")
-    bench.run(args.which, args.out, search, learn={"designs": designs})
+    bench.run(args.which, args.out, search, learn={"designs": designs},
+              deploy={"runs": args.runs} if args.runs else None)
     return 0
 
 

@@ -53,7 +53,10 @@ class SearchSettings:
     address: str | None = None
     data: str = "synth"
     proxy: str = "proxy"
-    objectives: tuple[str, ...] = ("wer", "bytes")
+    # Dev CER: after the proxy's 300 steps every design's dev WER is still about 100% (words are
+    # misspelled), so WER would rank designs by size alone; CER separates them (the demo's search,
+    # 2026-11-27: WER 1.02-1.03, CER 0.45-0.66). nas bench fidelity measures which signal ranks best.
+    objectives: tuple[str, ...] = ("cer", "bytes")
     fidelity: str = "fixed"  # "fixed": every design trains the proxy; "asha": successive halving
     rungs: Rungs = Rungs()
     enqueue: list[Path] = field(default_factory=list)

@@ -28,13 +28,14 @@ BENCHMARKS = {"budget": ("speed", "bench_budget"), "train": ("speed", "bench_tra
               "fidelity": ("fidelity", "bench_fidelity"), "deploy": ("deploy", "bench_deploy")}
 
 
-def run(which: str, out_dir: Path, search: dict | None = None, learn: dict | None = None) -> dict:
-    """Run one benchmark or all; ``search`` and ``learn`` override :func:`bench_search`'s and
-    :func:`bench_learn`'s arguments."""
+def run(which: str, out_dir: Path, search: dict | None = None, learn: dict | None = None,
+        deploy: dict | None = None) -> dict:
+    """Run one benchmark or all; ``search``, ``learn`` and ``deploy`` override :func:`bench_search`'s,
+    :func:`bench_learn`'s and :func:`bench_deploy`'s arguments."""
     names = list(BENCHMARKS) if which == "all" else [which]
     overrides = {"search": {"results": out_dir / "bench-search"} | (search or {}),
                  "learn": {"results": out_dir / "bench-learn"} | (learn or {}), "fidelity": {"results": out_dir / "bench-fidelity"},
-                 "deploy": {"results": out_dir / "bench-deploy"}}
+                 "deploy": {"results": out_dir / "bench-deploy"} | (deploy or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
     results = json.loads(path.read_text()) if path.exists() else {}

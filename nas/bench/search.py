@@ -12,7 +12,7 @@ SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", budget: str = "1M",
-                 proxy: str = "proxy", data: str = "synth", parallel_trials: int = 4, objective: str = "wer",
+                 proxy: str = "proxy", data: str = "synth", parallel_trials: int = 4, objective: str = "cer",
                  fidelity_minutes: float = 0, reference: str = "full",
                  results: Path = Path("results/bench-search")) -> dict:
     """The default sampler (TPE) against random sampling on the same space, budget and proxy, over
