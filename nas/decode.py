@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nas.data.tokenizer import BLANK, Tokenizer
-from nas.files import atomic_write
+from nas.files import atomic_write, quiet_stderr
 
 LM_FILES = ("lexicon.txt", "tokens.txt", "lm.arpa", "lm.json")
 SIL = "<sil>"
@@ -61,7 +57,7 @@ def build_lm(texts: list[str], tokenizer: Tokenizer, out_dir: Path, order: int =
     lm = ArpaBoLM(max_order=order, smoothing_method="kneser_ney")
     for sentence in sentences:
         lm.read_corpus_line(sentence)
-    with _quiet_stderr():
+    with quiet_stderr():
         lm.compute()
     arpa = io.StringIO()
     lm.write(arpa)
@@ -108,7 +104,7 @@ class BeamDecoder:
 
         lm_dir = Path(lm_dir)
         self.settings = settings
-        with _quiet_stderr():  # KenLM prints its loading progress to the C stderr
+        with quiet_stderr():  # KenLM prints its loading progress to the C stderr
             self._decoder = ctc_decoder(
                 lexicon=str(lm_dir / "lexicon.txt"), tokens=str(lm_dir / "tokens.txt"), lm=str(lm_dir / "lm.arpa"),
                 nbest=1, beam_size=settings.beam, beam_size_token=settings.beam_tokens,
@@ -139,21 +135,3 @@ def tune_decoder(lm_dir: Path, outputs: list[tuple[torch.Tensor, torch.Tensor]],
             if best is None or wer < best[1]:
                 best = (settings, wer)
     return best
-
-
-@contextmanager
-def _quiet_stderr():
-    """Send what C code writes to stderr (file descriptor 2) to a temporary file instead."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):  # stderr replaced (pytest capture)
-        yield
-        return
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)

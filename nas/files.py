@@ -13,8 +13,11 @@ whatever stops one being read as text (a directory, no permission, binary bytes)
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,3 +101,22 @@ def read_yaml(path: str | Path, what: str = "file") -> Any:
         raise UserError(str(path), where, f"YAML syntax error ({problem})") from None
     except RecursionError:
         raise UserError(str(path), "", "YAML syntax error (nested too deeply)") from None
+
+
+@contextmanager
+def quiet_stderr():
+    """What C code writes to stderr (file descriptor 2) goes to a temporary file instead
+    (KenLM prints its loading progress there); the decoder and the runtime both use it."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):  # stderr replaced (pytest capture)
+        yield
+        return
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)

@@ -16,13 +16,9 @@ fresh process):
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +27,7 @@ import onnxruntime as ort
 from nas.config import ArchConfig
 from nas.data.tokenizer import BLANK, Tokenizer
 from nas.errors import UserError
+from nas.files import quiet_stderr
 from nas.plan import subsampled_frames
 
 FEATURES_FILE = "features.npz"
@@ -114,7 +111,7 @@ class LexiconBeamSearch:
         tokens = Dictionary(str(lm_dir / "tokens.txt"))
         lexicon = load_words(str(lm_dir / "lexicon.txt"))
         self._words = create_word_dict(lexicon)
-        with _quiet_stderr():  # KenLM prints its loading progress to the C stderr
+        with quiet_stderr():  # KenLM prints its loading progress to the C stderr
             self._lm = KenLM(str(lm_dir / "lm.arpa"), self._words)
         self.blank, self.silence = BLANK, tokens.index_size() - 1
         trie = Trie(tokens.index_size(), self.silence)
@@ -216,24 +213,6 @@ def session(model: Path | bytes, threads: int | None = None, arena: bool = True)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-@contextmanager
-def _quiet_stderr():
-    """What C code writes to stderr (file descriptor 2) goes to a temporary file instead."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):  # stderr replaced (pytest capture)
-        yield
-        return
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
 
 
 def run_memory(model: str, n_mels: int, seconds: float) -> dict:
