@@ -25,12 +25,11 @@ RTF_UTTERANCES = 20  # the objectives these figures answer: nas.study.DEVICE_OBJ
 
 def measure_device(run_dir: Path, arch: ArchConfig, corpus: Corpus, which: tuple[str, ...]) -> dict:
     """The device figures ``which`` of the model trained in ``run_dir``, and their cost in seconds."""
-    import onnxruntime as ort
-
     from nas.data.features import FeatureConfig, FeatureSet
     from nas.measure import activation_memory
     from nas.model import ConformerCTC
     from nas.onnx_export import onnx_model
+    from nas.runtime import session
 
     t0 = time.perf_counter()
     model = ConformerCTC.load(arch, Path(run_dir) / "model.safetensors").eval()
@@ -39,15 +38,13 @@ def measure_device(run_dir: Path, arch: ArchConfig, corpus: Corpus, which: tuple
         path = Path(tmp) / "model.onnx"
         path.write_bytes(onnx_model(model))
         if "rtf" in which:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = options.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            sess = session(path, threads=1)  # the deployment path's session, as the export measures it
             dev = FeatureSet(corpus.dev, corpus.feature_cache, FeatureConfig(n_mels=arch.frontend.n_mels))
             feats = [dev.features(i).numpy()[None] for i in range(min(RTF_UTTERANCES, len(dev)))]
-            session.run(None, {"feats": feats[0], "lengths": np.array([feats[0].shape[1]])})  # warm-up
+            sess.run(None, {"feats": feats[0], "lengths": np.array([feats[0].shape[1]])})  # warm-up
             start = time.perf_counter()
             for x in feats:
-                session.run(None, {"feats": x, "lengths": np.array([x.shape[1]])})
+                sess.run(None, {"feats": x, "lengths": np.array([x.shape[1]])})
             audio_s = sum(x.shape[1] for x in feats) / 100  # 10 ms frames
             out["rtf"] = (time.perf_counter() - start) / audio_s
         if "memory" in which:
