@@ -55,7 +55,8 @@ class SearchSettings:
     proxy: str = "proxy"
     # Dev CER: after the proxy's 300 steps every design's dev WER is still about 100% (words are
     # misspelled), so WER would rank designs by size alone; CER separates them (the demo's search,
-    # 2026-11-27: WER 1.02-1.03, CER 0.45-0.66). nas bench fidelity measures which signal ranks best.
+    # results/demo/trials.csv: WER 0.96-1.21, CER 0.45-0.77). nas bench fidelity measures which
+    # signal ranks best.
     objectives: tuple[str, ...] = ("cer", "bytes")
     fidelity: str = "fixed"  # "fixed": every design trains the proxy; "asha": successive halving
     rungs: Rungs = Rungs()
