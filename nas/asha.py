@@ -17,32 +17,12 @@ a retried trial resumes from its checkpoint and is judged at the rungs it had no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from nas.pareto import dominates
-from nas.schedule import Schedule
+from nas.schedule import Rungs, Schedule  # Rungs: the stretching of a schedule, free of Ray
 from nas.study import SIGNALS
 from nas.trials import records
-
-
-@dataclass(frozen=True)
-class Rungs:
-    """Rungs at ``multiples`` of the base proxy's steps, and the share ``1/eta`` that may dominate."""
-
-    multiples: tuple[int, ...] = (1, 3, 9)
-    eta: int = 3
-
-    def steps(self, base: Schedule) -> tuple[int, ...]:
-        return tuple(base.steps * m for m in self.multiples)
-
-    def schedule(self, base: Schedule) -> Schedule:
-        """The proxy stretched to the last rung: the same recipe, ``multiples[-1]`` times as many
-        steps (its learning rate decays over all of them), evaluated at every first-rung step."""
-        return base.model_copy(update={
-            "name": f"{base.name}-asha{'-'.join(map(str, self.multiples))}",
-            "steps": base.steps * self.multiples[-1], "eval_every": base.steps * self.multiples[0]})
 
 
 def promoted(vector: tuple[float, ...], others: list[tuple[float, ...]], eta: int) -> bool:

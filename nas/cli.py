@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -103,12 +104,16 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler (default 3)")
     b.add_argument("--space", default="paper.yaml", help="search: a file of search_spaces/ (default paper.yaml)")
     b.add_argument("--budget", default="1M", help="search: the budget (default 1M)")
-    b.add_argument("--proxy", default="proxy", help="search: the proxy schedule (default proxy)")
-    b.add_argument("--data", default="synth", help="search: the corpus (default synth)")
+    b.add_argument("--proxy", default="proxy", help="search, fidelity: the proxy schedule (default proxy)")
+    b.add_argument("--data", default="synth", help="search, fidelity: the corpus (default synth)")
     b.add_argument("--objective", default="cer", help="search: the proxy signal (default cer)")
     b.add_argument("--fidelity-minutes", type=float, default=0,
                    help="search: also compare --fidelity fixed and asha, this many minutes each (default: skip)")
-    b.add_argument("--reference", default="full", help="search: the schedule that retrains each mode's best design")
+    b.add_argument("--reference", default="full", help="search: the schedule that retrains each mode's best design; "
+                   "fidelity: the schedule the proxies are ranked against (default full)")
+    b.add_argument("--jobs", type=_positive, default=1,
+                   help="fidelity: runs trained at once, each in its own process with the cores shared out "
+                        "(on a GPU machine they share the GPU; default 1)")
     b.add_argument("--runs", type=Path, nargs="+",
                    help="deploy: trainer run directories to export (default results/full-1m and results/full-1m-*)")
     b.add_argument("--designs", default="unshared,paper",
@@ -318,7 +323,7 @@ def _megabytes(text: str) -> float:
 
 
 def _rungs(text: str, eta: int):
-    from nas.asha import Rungs
+    from nas.schedule import Rungs
 
     try:
         multiples = tuple(int(x) for x in text.split(","))
@@ -360,7 +365,9 @@ def _bench(args) -> int:
     designs = tuple(d.strip() for d in args.designs.split(","))
     if not designs or not set(designs) <= {"unshared", "paper"}:
         raise UserError("--designs", "", f"{args.designs!r}: expected unshared, paper or both, comma-separated")
-    bench.run(args.which, args.out, search, learn={"designs": designs},
+    threads = max(1, (os.cpu_count() or 2) // args.jobs) if args.jobs > 1 else 2
+    fidelity = {"proxy": args.proxy, "reference": args.reference, "data": args.data, "jobs": args.jobs, "threads": threads}
+    bench.run(args.which, args.out, search, learn={"designs": designs}, fidelity=fidelity,
               deploy={"runs": args.runs} if args.runs else None)
     return 0
 

@@ -8,6 +8,7 @@ each file's header says what it reaches and in how long.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -78,3 +79,21 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
         return Schedule.model_validate(doc)
     except ValidationError as exc:
         raise user_error(str(path), exc) from None
+
+
+@dataclass(frozen=True)
+class Rungs:
+    """Rungs at ``multiples`` of the base proxy's steps, and the share ``1/eta`` that may dominate."""
+
+    multiples: tuple[int, ...] = (1, 3, 9)
+    eta: int = 3
+
+    def steps(self, base: Schedule) -> tuple[int, ...]:
+        return tuple(base.steps * m for m in self.multiples)
+
+    def schedule(self, base: Schedule) -> Schedule:
+        """The proxy stretched to the last rung: the same recipe, ``multiples[-1]`` times as many
+        steps (its learning rate decays over all of them), evaluated at every first-rung step."""
+        return base.model_copy(update={
+            "name": f"{base.name}-asha{'-'.join(map(str, self.multiples))}",
+            "steps": base.steps * self.multiples[-1], "eval_every": base.steps * self.multiples[0]})

@@ -156,7 +156,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def prepare_data(spec: str) -> tuple[Corpus, str]:
-    """Resolve the corpus and compute its features once, before workers need them.
+    """Resolve the corpus and compute its features once, on all cores, before workers need them.
 
     Returns the corpus and a one-line summary for the run's output: utterances per split, and
     the rows skipped because their audio would not decode."""
@@ -165,6 +165,6 @@ def prepare_data(spec: str) -> tuple[Corpus, str]:
     corpus = resolve_data(spec)
     parts = []
     for split, manifest in (("train", corpus.train), ("dev", corpus.dev), ("test", corpus.test)):
-        fs = FeatureSet(manifest, corpus.feature_cache)
+        fs = FeatureSet(manifest, corpus.feature_cache, workers=os.cpu_count() or 1)
         parts.append(f"{split} {len(fs)} utterances{skipped_text(fs.skipped)}")
     return corpus, f"corpus {spec}: " + "; ".join(parts)

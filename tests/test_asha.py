@@ -12,9 +12,9 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from nas.asha import Rungs, promoted
+from nas.asha import promoted
 from nas.budget import parse_budget
-from nas.schedule import load_schedule
+from nas.schedule import Rungs, load_schedule
 from nas.trials import records, tally
 from searches import FAST_HEARTBEAT, assert_nothing_over_budget_was_trained, load, nas_search, run, trial_lines
 

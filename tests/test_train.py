@@ -150,3 +150,25 @@ def test_bad_schedule_files_name_their_field(tmp_path):
         load_schedule(p)
     shutil.copy(nas.schedule.SCHEDULES / "full.yaml", p)
     assert load_schedule(p).name == "full"
+
+
+def test_the_moving_average_is_the_warmed_up_formula_applied_to_every_float_tensor():
+    from torch.optim.swa_utils import AveragedModel
+
+    from nas.train import _ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = AveragedModel(model, multi_avg_fn=_ema(0.9), use_buffers=True)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}  # the first update copies
+    for n in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 3))  # moves BatchNorm's running statistics
+        ema.update_parameters(model)
+        d = 0.0 if n == 0 else min(0.9, (1 + n) / (10 + n))  # n updates before this one
+        for k, v in model.state_dict().items():
+            expected[k] = v.clone() if not v.is_floating_point() else expected[k] + (v - expected[k]) * (1 - d)
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)

@@ -29,12 +29,13 @@ BENCHMARKS = {"budget": ("speed", "bench_budget"), "train": ("speed", "bench_tra
 
 
 def run(which: str, out_dir: Path, search: dict | None = None, learn: dict | None = None,
-        deploy: dict | None = None) -> dict:
-    """Run one benchmark or all; ``search``, ``learn`` and ``deploy`` override :func:`bench_search`'s,
-    :func:`bench_learn`'s and :func:`bench_deploy`'s arguments."""
+        deploy: dict | None = None, fidelity: dict | None = None) -> dict:
+    """Run one benchmark or all; ``search``, ``learn``, ``fidelity`` and ``deploy`` override
+    :func:`bench_search`'s, :func:`bench_learn`'s, :func:`bench_fidelity`'s and :func:`bench_deploy`'s
+    arguments."""
     names = list(BENCHMARKS) if which == "all" else [which]
     overrides = {"search": {"results": out_dir / "bench-search"} | (search or {}),
-                 "learn": {"results": out_dir / "bench-learn"} | (learn or {}), "fidelity": {"results": out_dir / "bench-fidelity"},
+                 "learn": {"results": out_dir / "bench-learn"} | (learn or {}), "fidelity": {"results": out_dir / "bench-fidelity"} | (fidelity or {}),
                  "deploy": {"results": out_dir / "bench-deploy"} | (deploy or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"

@@ -76,29 +76,33 @@ def load_designs() -> list[tuple[str, object]]:
 
 
 def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = "proxy", reference: str = "full",
-                   rungs: tuple[int, ...] = (1, 3, 9), data: str = "synth", threads: int = 2) -> dict:
+                   rungs: tuple[int, ...] = (1, 3, 9), data: str = "synth", threads: int = 2, jobs: int = 1) -> dict:
+    """Train every design's three runs that are not done yet (``jobs`` at a time, each in its own
+    process with ``threads`` threads; on a GPU machine they share the GPU), then rank."""
     from scipy.stats import kendalltau, spearmanr
 
-    from nas.asha import Rungs
     from nas.budget import count
-    from nas.data.corpus import resolve_data
     from nas.describe import sharing_levels
-    from nas.schedule import load_schedule
-    from nas.train import train
+    from nas.schedule import Rungs, load_schedule
+    from nas.workers import prepare_data
 
-    corpus = resolve_data(data)
+    corpus, summary = prepare_data(data)  # once, here: not in each of the jobs
+    print(f"  {summary}", flush=True)
     base, ref = load_schedule(proxy), load_schedule(reference)
     stretched = Rungs(rungs).schedule(base)
     runs = Path(results) / "runs"
+    designs = load_designs()
+    plan = [(label, arch, name, schedule, runs / f"{label}-{schedule.name}")
+            for label, arch in designs
+            for name, schedule in (("proxy", base), ("asha", stretched), ("reference", ref))]
+    pending = {p[4]: p for p in sorted(plan, key=lambda p: p[2] == "reference")}  # one run per directory,
+    # the reference's where a schedule is both (it also decodes test)
+    _train_all([p for out, p in pending.items() if not (out / "metrics.json").is_file()], corpus, threads, jobs)
     rows = []
-    for label, arch in load_designs():
+    for label, arch in designs:
         row = {"label": label, "params": count(arch).physical, "levels": sharing_levels(arch)}
-        for name, schedule in (("proxy", base), ("asha", stretched), ("reference", ref)):
-            out = runs / f"{label}-{schedule.name}"
-            done = out / "metrics.json"
-            m = json.loads(done.read_text()) if done.is_file() else train(
-                arch, schedule, corpus, out, threads=threads, progress=True, evaluate_test=name == "reference")
-            row[name] = m
+        for _, _, name, schedule, out in (p for p in plan if p[0] == label):
+            row[name] = m = json.loads((out / "metrics.json").read_text())
             print(f"  {label} {schedule.name}: dev WER {m['dev']['wer']:.3f}, {m['train_seconds']:.0f} s", flush=True)
         rows.append(row)
 
@@ -127,7 +131,8 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     _plots(rows, target, lengths, Path(results))
     return {
         "setup": f"{len(rows)} designs of {DESIGNS.name}; proxy {proxy}, rungs {rungs}, reference {reference} "
-                 f"(dev WER, {'beam + LM' if 'beam_wer' in rows[0]['reference']['dev'] else 'greedy'}); {threads} threads",
+                 f"(dev WER, {'beam + LM' if 'beam_wer' in rows[0]['reference']['dev'] else 'greedy'}); "
+                 f"trained on {_where(rows)}",
         "designs": [{"label": r["label"], "params": r["params"], "levels": list(r["levels"]),
                      "reference_dev_wer": round(t, 4)} for r, t in zip(rows, target)],
         "table": table,
@@ -135,6 +140,51 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
         "best": {k: best[k] for k in ("length", "signal", "kendall_tau", "spearman_rho", "cost_share")},
         "reference_train_seconds": round(ref_s),
     }
+
+
+def _train_all(plan: list, corpus, threads: int, jobs: int) -> None:
+    """Train the runs of ``plan``, longest first, ``jobs`` at a time in processes of their own (spawned:
+    CUDA cannot be forked). A run that fails is reported and the others go on; the benchmark then
+    stops with the failures named, and running it again retries them from their checkpoints."""
+    from nas.train import train
+
+    # A step's cost grows with depth. Alone, the cheapest go first, so that a benchmark stopped and
+    # resumed over several sittings has its short runs done early; at once, the longest go first.
+    plan = sorted(plan, key=lambda p: p[3].steps * p[1].encoder.n_layers, reverse=jobs > 1)
+    if jobs <= 1:
+        for label, arch, name, schedule, out in plan:
+            train(arch, schedule, corpus, out, threads=threads, progress=True, evaluate_test=name == "reference")
+        return
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from nas.errors import UserError
+
+    print(f"  training {len(plan)} runs, {jobs} at a time", flush=True)
+    t0, failed = time.perf_counter(), []
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train, arch, schedule, corpus, out, threads=threads, progress=False,
+                               evaluate_test=name == "reference"): out.name
+                   for _, arch, name, schedule, out in plan}
+        for done in as_completed(futures):
+            try:
+                m = done.result()
+                print(f"  {futures[done]} done at {time.perf_counter() - t0:.0f} s: dev WER {m['dev']['wer']:.3f}, "
+                      f"{m['train_seconds']:.0f} s of training", flush=True)
+            except Exception as exc:  # noqa: BLE001 - one run's failure must not lose the others
+                failed.append(futures[done])
+                print(f"  {futures[done]} failed: {type(exc).__name__}: {exc}", flush=True)
+    if failed:
+        raise UserError(str(plan[0][4].parent), "", f"{len(failed)} runs failed ({', '.join(failed)}); "
+                        "run the benchmark again to retry them from their checkpoints")
+
+
+def _where(rows: list[dict]) -> str:
+    runs = [r[k] for r in rows for k in ("proxy", "asha", "reference")]
+    devices = sorted({m.get("device", "?") for m in runs})
+    threads = sorted({m.get("threads", 0) for m in runs})
+    return f"{'/'.join(devices)}, {'/'.join(map(str, threads))} threads a run"
 
 
 def _at(m: dict, step: int) -> dict:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import contextlib
 import hashlib
 import itertools
 import logging
+import multiprocessing
 import random
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, replace
@@ -122,6 +124,19 @@ class _Skip(Exception):
         self.reason, self.detail = reason, detail
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _features(utt: Utterance, cfg: FeatureConfig) -> tuple[str, Tensor] | _Skip:
+    """One row's normalized transcript and float16 log-mels, or why it is left out."""
+    try:
+        text, wav = _read(utt, cfg)
+    except _Skip as skip:
+        return skip
+    return text, log_mel(wav, cfg).half()
+
+
 def _read(utt: Utterance, cfg: FeatureConfig) -> tuple[str, Tensor]:
     """The normalized transcript and the waveform ``(samples,)`` of a checked row; raises _Skip."""
     text = normalize(utt.text)
@@ -149,13 +164,15 @@ class FeatureSet:
         skipped: reason → rows left out.
     """
 
-    def __init__(self, manifest: str | Path, cache_dir: str | Path, cfg: FeatureConfig = FeatureConfig()):
+    def __init__(self, manifest: str | Path, cache_dir: str | Path, cfg: FeatureConfig = FeatureConfig(),
+                 workers: int = 1):
+        """``workers``: processes computing the features when they are not cached yet."""
         manifest = Path(manifest)
         key = hashlib.sha256(read_text(manifest, "manifest file").encode())
         key.update(repr((_CACHE_FORMAT, str(manifest.resolve()), astuple(cfg))).encode())
         cache = Path(cache_dir) / f"{manifest.stem}-{key.hexdigest()[:16]}.pt"
         if not cache.is_file():
-            computed = self._compute(manifest, cfg)  # checks the rows: a refusal writes nothing
+            computed = self._compute(manifest, cfg, workers)  # checks the rows: a refusal writes nothing
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(cache) as tmp:  # concurrent workers may compute it too
                 torch.save(computed, tmp)
@@ -171,20 +188,27 @@ class FeatureSet:
         self._starts = [0, *itertools.accumulate(self.lengths)]
 
     @staticmethod
-    def _compute(manifest: Path, cfg: FeatureConfig) -> dict:
+    def _compute(manifest: Path, cfg: FeatureConfig, workers: int = 1) -> dict:
         data = {"ids": [], "texts": [], "lengths": [], "skipped": {}}
         feats = []
-        for utt in tqdm(read_manifest(manifest, check_files=True), desc=f"features {manifest.name}", unit="utt"):
-            try:
-                text, wav = _read(utt, cfg)
-            except _Skip as skip:
-                log.warning("%s: %s: skipped, %s: %s", manifest, utt.id, skip.reason, skip.detail)
-                data["skipped"][skip.reason] = data["skipped"].get(skip.reason, 0) + 1
-                continue
-            feats.append(log_mel(wav, cfg).half())
-            data["ids"].append(utt.id)
-            data["texts"].append(text)
-            data["lengths"].append(len(feats[-1]))
+        rows = read_manifest(manifest, check_files=True)
+        one = functools.partial(_features, cfg=cfg)
+        with contextlib.ExitStack() as stack:
+            if workers > 1 and len(rows) > 64:  # spawned: a forked child of a process using torch's threads can hang
+                pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _one_thread))
+                results = pool.imap(one, rows, chunksize=32)  # in manifest order
+            else:
+                results = map(one, rows)
+            for utt, got in tqdm(zip(rows, results), total=len(rows), desc=f"features {manifest.name}", unit="utt"):
+                if isinstance(got, _Skip):
+                    log.warning("%s: %s: skipped, %s: %s", manifest, utt.id, got.reason, got.detail)
+                    data["skipped"][got.reason] = data["skipped"].get(got.reason, 0) + 1
+                    continue
+                text, feat = got
+                feats.append(feat)
+                data["ids"].append(utt.id)
+                data["texts"].append(text)
+                data["lengths"].append(len(feat))
         if not feats:
             counts = ", ".join(f"{n} {reason}" for reason, n in data["skipped"].items())
             total = sum(data["skipped"].values())

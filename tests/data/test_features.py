@@ -235,3 +235,17 @@ def test_bucket_batches_cover_every_index_once_within_max_frames():
     assert sorted(shuffled) == sorted(batches) and shuffled != batches
     assert shuffled == bucket_batches(lengths, max_frames=4000, shuffle=True, seed=1)
     assert shuffled != bucket_batches(lengths, max_frames=4000, shuffle=True, seed=2)
+
+
+def test_features_computed_by_workers_equal_one_process_and_skip_the_same_rows(tmp_path):
+    rows = [(f"u{i}", 0.3 + 0.05 * (i % 7), f"line {i}") for i in range(70)]  # over the 64 rows a pool needs
+    good = make_utterances(tmp_path, rows)
+    sf.write(tmp_path / "tiny.wav", np.zeros(100, dtype=np.float32), SR)
+    bad = [Utterance("corrupt", corrupt_flac(tmp_path / "corrupt.flac"), "x"), Utterance("tiny", tmp_path / "tiny.wav", "y")]
+    write_manifest(tmp_path / "train.jsonl", good[:30] + bad + good[30:])
+    one = FeatureSet(tmp_path / "train.jsonl", tmp_path / "one")
+    two = FeatureSet(tmp_path / "train.jsonl", tmp_path / "two", workers=2)
+    assert two.ids == one.ids == [u.id for u in good]
+    assert (two.texts, two.lengths, two.skipped) == (one.texts, one.lengths, one.skipped)
+    assert one.skipped == {"bad audio": 1, "short audio": 1}
+    assert torch.equal(two._feats, one._feats)

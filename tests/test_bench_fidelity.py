@@ -1,0 +1,46 @@
+"""`nas bench fidelity`: its runs train in parallel processes, resume, and are ranked."""
+
+import json
+
+import pytest
+
+import nas.bench.fidelity as fidelity
+import nas.train
+from conftest import TINY_ARCH
+
+
+@pytest.mark.slow
+def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothing(tiny_corpus_dir, tmp_path,
+                                                                                   monkeypatch):
+    designs = tmp_path / "designs.json"
+    widths = {"narrow": 16, "middle": 24, "wide": 32}
+    designs.write_text(json.dumps([{"label": label, "arch": TINY_ARCH | {"encoder": TINY_ARCH["encoder"] | {"d_model": d}}}
+                                   for label, d in widths.items()]))
+    reference = tmp_path / "ref.yaml"  # the tiny recipe, 3x as long, under a name of its own
+    reference.write_text((fidelity.ROOT / "nas/schedules/tiny.yaml").read_text()
+                         .replace("name: tiny", "name: tiny-ref").replace("steps: 12", "steps: 36"))
+    monkeypatch.setattr(fidelity, "DESIGNS", designs)
+    args = dict(results=tmp_path / "bench", proxy="tiny", reference=str(reference), rungs=(1, 2),
+                data=f"manifest:{tiny_corpus_dir}", threads=1)
+
+    first = fidelity.bench_fidelity(**args, jobs=2)
+    runs = sorted(p.name for p in (tmp_path / "bench" / "runs").iterdir())
+    assert runs == sorted(f"{label}-{s}" for label in widths for s in ("tiny", "tiny-asha1-2", "tiny-ref"))
+    for run in runs:
+        m = json.loads((tmp_path / "bench" / "runs" / run / "metrics.json").read_text())
+        assert m["steps"] == {"tiny": 12, "tiny-asha1-2": 24, "tiny-ref": 36}[run.split("-", 1)[1]]
+        assert ("test" in m) == run.endswith("tiny-ref")  # only the reference decodes test
+    lengths = {row["length"] for row in first["table"]}
+    assert lengths == {"proxy (12 steps, annealed)", "rung 1x (12 steps)", "rung 2x (24 steps)"}
+    assert {row["signal"] for row in first["table"]} == set(fidelity.SIGNALS)
+    assert [d["label"] for d in first["designs"]] == list(widths)
+    assert "cpu, 1 threads a run" in first["setup"]
+    for signal in fidelity.SIGNALS:
+        assert (tmp_path / "bench" / f"fidelity-{signal}.png").is_file()
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(nas.train, "train", no_training)
+    again = fidelity.bench_fidelity(**args, jobs=1)
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)  # nan where WER does not vary
