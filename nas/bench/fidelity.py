@@ -143,9 +143,10 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
 
 
 def _train_all(plan: list, corpus, threads: int, jobs: int) -> None:
-    """Train the runs of ``plan``, longest first, ``jobs`` at a time in processes of their own (spawned:
-    CUDA cannot be forked). A run that fails is reported and the others go on; the benchmark then
-    stops with the failures named, and running it again retries them from their checkpoints."""
+    """Train the runs of ``plan``: one after the other, or ``jobs`` at a time in processes of their own
+    (spawned: CUDA cannot be forked). There, a run that fails is reported and the others go on; the
+    benchmark then stops with the failures named, and running it again retries them from their
+    checkpoints."""
     from nas.train import train
 
     # A step's cost grows with depth. Alone, the cheapest go first, so that a benchmark stopped and
