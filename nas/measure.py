@@ -183,7 +183,7 @@ def measure_export(export_dir: Path, arch: ArchConfig, models: dict[str, bytes],
     """Everything :mod:`nas.measure` measures of an export whose ``model.onnx`` is ``models[dtype]``,
     against ``models["fp32"]``, on the test split of ``corpus`` (its first ``limit`` utterances)."""
     from nas.data.manifest import read_manifest
-    from nas.report.robustness import conditions_of, robustness_table
+    from nas.conditions import conditions_of, robustness_table
 
     test = read_manifest(corpus.test)[:limit]
     run = accuracy_and_speed(export_dir, models, test, progress)

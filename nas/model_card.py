@@ -83,7 +83,7 @@ def _deployment_rows(d: dict | None, dtype: str, prov: dict) -> dict | None:
     """What the card shows of the measurements: a table of fp32 against the dtype, and notes."""
     if not d:
         return None
-    from nas.report.robustness import markdown_tables
+    from nas.conditions import markdown_tables
 
     dts = ["fp32"] + ([dtype] if dtype != "fp32" else [])
     rows = []

@@ -75,3 +75,11 @@ def test_the_data_layer_and_the_model_import_nothing_above_them():
         if any(m == low or m.startswith(low + ".") for low in ("nas.data", "nas.model", "nas.config", "nas.plan",
                                                                  "nas.budget")):  # nas.model_card is not nas.model
             assert not {d for d in deps if d in above or d.startswith("nas.report")}, m
+
+
+def test_the_report_sits_on_top_only_the_command_line_and_the_demo_import_it():
+    """The export, the model card and the measurements use what the report uses (nas.conditions,
+    nas.markdown), never the report itself."""
+    edges = graph()
+    users = {m for m, deps in edges.items() if any(d == "nas.report" or d.startswith("nas.report.") for d in deps)}
+    assert {m for m in users if not m.startswith("nas.report")} == {"nas.cli", "nas.demo"}

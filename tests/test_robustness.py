@@ -15,8 +15,8 @@ from nas.data.tokenizer import Tokenizer
 from nas.errors import UserError
 from nas.model import ConformerCTC
 from nas.report import write_report
-from nas.report.robustness import (TITLE, conditions_of, group_of, markdown_tables, robustness, robustness_section,
-                                   robustness_table)
+from nas.conditions import conditions_of, group_of, markdown_tables, robustness_table
+from nas.report.robustness import TITLE, robustness, robustness_section
 
 
 def test_groups_snr_bands_booleans_and_values():

@@ -12,10 +12,10 @@ error rates as percentages, other signals as plain numbers. Full-retrain numbers
 from __future__ import annotations
 
 import math
-from itertools import groupby
 from pathlib import Path
 
 from nas.describe import layer_map, sharing_in_words
+from nas.markdown import code as _code, escape as _escape, table as _table  # shared with the model card
 from nas.report.analysis import (MIN_ROWS_FOR_FIDELITY, Fidelity, FrontView,
                                  Hypervolume, Signal, Summary)
 from nas.report.importance import MIN_TRIALS_FOR_IMPORTANCE, Importance
@@ -269,29 +269,8 @@ def _section(title: str, *blocks: str) -> str:
     return "\n\n".join([f"## {title}", *blocks])
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    def row(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([row(header), row(["---"] * len(header)), *map(row, rows)])
-
-
 def _image(png: str | Path, alt: str) -> str:
     return f"![{alt}]({Path(png).name})"
-
-
-def _escape(text: str) -> str:
-    """Outside text as itself: Markdown's marks backslash-escaped, ``<`` and ``&`` as entities."""
-    text = text.replace("&", "&amp;").replace("<", "&lt;")
-    return "".join("\\" + c if c in "\\`*_[]" else c for c in text)
-
-
-def _code(text: str) -> str:
-    """``text`` as inline code: a code span holds any text but a run of backticks as long as its fence."""
-    text = str(text)
-    longest = max((len(list(run)) for c, run in groupby(text) if c == "`"), default=0)
-    pad = " " if longest else ""
-    return f"{'`' * (longest + 1)}{pad}{text}{pad}{'`' * (longest + 1)}"
 
 
 def _value(s: Signal, x: float) -> str:

@@ -6,8 +6,7 @@ The conditions come from the test manifest's optional condition fields
 The embedded corpus records them; for a synth corpus made before its manifests did, they are drawn
 again from its parameters (:func:`nas.data.synth.conditions`).
 
-- :func:`robustness_table` groups any per-utterance hypotheses (a run's test outputs, or the
-  export's, see :mod:`nas.measure`) by condition;
+- :func:`nas.conditions.robustness_table` groups any per-utterance hypotheses by condition;
 - :func:`robustness` computes each retrained design's test hypotheses (its weights on the test
   features, decoded as its run decoded: beam search with its LM when it has one, else greedy),
   cached in ``robustness.json`` beside the report;
@@ -21,83 +20,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nas.data.manifest import CONDITIONS, read_manifest
+from nas.conditions import TITLES, conditions_of, percent, robustness_table
+from nas.data.manifest import CONDITIONS
 from nas.errors import UserError
 from nas.files import atomic_write
 from nas.report.document import _escape, _table
 
-SNR_BANDS = ((5.0, 10.0), (10.0, 20.0), (20.0, 30.0))  # dB, lower bound included; 30 dB falls in the last
-TITLES = {"snr_db": "SNR", "accent": "accent", "noise": "noise colour", "reverb": "reverberation",
-          "telephone": "telephone band"}
-BOOLEANS = {"reverb": ("dry", "reverberant"), "telephone": ("full band", "telephone band")}
 CACHE = "robustness.json"
 MAX_FRAMES = 20_000  # log-mel frames per batch when the designs are run on the test set
-
-
-def group_of(key: str, value) -> str:
-    """The group a condition value falls in: an SNR band, with or without, or the value itself."""
-    if key == "snr_db":
-        lo, hi = SNR_BANDS[0][0], SNR_BANDS[-1][1]
-        if value < lo:
-            return f"under {lo:g} dB"
-        if value > hi:
-            return f"over {hi:g} dB"
-        return next(f"{a:g}–{b:g} dB" for a, b in SNR_BANDS if value < b or b == hi)
-    if key in BOOLEANS:
-        return BOOLEANS[key][bool(value)]
-    return str(value)
-
-
-def _group_order(key: str, groups: set[str]) -> list[str]:
-    if key == "snr_db":
-        bands = [f"under {SNR_BANDS[0][0]:g} dB", *(f"{a:g}–{b:g} dB" for a, b in SNR_BANDS),
-                 f"over {SNR_BANDS[-1][1]:g} dB"]
-        return [b for b in bands if b in groups]
-    if key in BOOLEANS:
-        return [g for g in BOOLEANS[key] if g in groups]
-    return sorted(groups)
-
-
-def robustness_table(refs: dict[str, str], hyps: dict[str, str], conditions: dict[str, dict]) -> dict:
-    """WER per group of each condition field present, over the utterances of ``hyps``.
-
-    Args:
-        refs, hyps: normalized reference and hypothesis per utterance id.
-        conditions: per utterance id, its condition fields (a row's :meth:`Utterance.conditions`).
-
-    Returns ``{field: {group: {"wer": ..., "utterances": n}}}``, groups in a fixed order (SNR
-    bands ascending, without before with), and ``"all"``: the WER over every utterance.
-    """
-    import jiwer
-
-    ids = [i for i in hyps if i in refs]
-    table: dict = {"all": {"wer": jiwer.wer([refs[i] for i in ids], [hyps[i] for i in ids]) if ids else None,
-                           "utterances": len(ids)}}
-    for key in CONDITIONS:
-        members: dict[str, list[str]] = {}
-        for i in ids:
-            value = conditions.get(i, {}).get(key)
-            if value is not None:
-                members.setdefault(group_of(key, value), []).append(i)
-        if members:
-            table[key] = {g: {"wer": jiwer.wer([refs[i] for i in members[g]], [hyps[i] for i in members[g]]),
-                              "utterances": len(members[g])} for g in _group_order(key, set(members))}
-    return table
-
-
-def conditions_of(manifest: Path) -> tuple[dict[str, dict], str]:
-    """Each utterance's conditions, by id, and where they come from."""
-    rows = read_manifest(manifest)
-    found = {r.id: r.conditions() for r in rows}
-    if any(found.values()):
-        return found, "the test manifest"
-    from nas.data import synth
-
-    drawn = synth.conditions(Path(manifest).parent)
-    if drawn and all(r.id in drawn and drawn[r.id]["text"] == r.text for r in rows):
-        return ({r.id: {k: v for k, v in drawn[r.id].items() if k != "text"} for r in rows},
-                "the synth corpus's parameters (its manifests predate condition fields)")
-    return found, "the test manifest"
 
 
 # ---- the retrained designs ------------------------------------------------------------------
@@ -221,23 +151,9 @@ def robustness_section(r: Robustness) -> str:
                     groups.setdefault(g, cell["utterances"])
             header = ["design", f"all (n={r.tables[names[0]]['all']['utterances']})",
                       *(f"{g} (n={n})" for g, n in groups.items())]
-            rows = [[_escape(name), _pct(t["all"]["wer"]), *(_pct(t.get(key, {}).get(g, {}).get("wer"))
+            rows = [[_escape(name), percent(t["all"]["wer"]), *(percent(t.get(key, {}).get(g, {}).get("wer"))
                                                                for g in groups)] for name, t in r.tables.items()]
             blocks.append(f"**By {TITLES[key]}**\n\n" + _table(header, rows))
     if r.missing:
         blocks.append(f"Not run (no weights in their run directories): {_escape(', '.join(r.missing))}.")
     return "\n\n".join([f"## {TITLE}", *blocks])
-
-
-def markdown_tables(table: dict) -> str:
-    """One design's :func:`robustness_table` as Markdown: a table per condition field (for a model card)."""
-    out = []
-    for key in CONDITIONS:
-        if key in table:
-            out.append(_table([TITLES[key], "utterances", "WER"],
-                              [[g, str(c["utterances"]), _pct(c["wer"])] for g, c in table[key].items()]))
-    return "\n\n".join(out)
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{x:.1%}"
