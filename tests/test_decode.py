@@ -10,7 +10,7 @@ from nas.data.corpus import resolve_data
 from nas.data.manifest import read_manifest
 from nas.data.text import normalize
 from nas.data.tokenizer import Tokenizer
-from nas.decode import BeamDecoder, BeamSettings, build_lm, greedy_decode, kenlm_layout
+from nas.decode import BeamDecoder, BeamSettings, build_lm, greedy_decode, kenlm_layout, tune_decoder
 from nas.schedule import load_schedule
 from nas.train import train
 
@@ -87,3 +87,22 @@ def test_the_lm_and_lexicon_are_built_from_training_text_only(tiny_corpus_dir, t
     assert m["decoder"]["tuned_on"].startswith("dev") and m["decoder"]["lm"]["source"] == "training transcripts only"
     for split in ("dev", "test"):
         assert {"wer", "cer", "beam_wer", "beam_cer", "decode_s", "forward_s"} <= m[split].keys()
+
+
+def test_the_tuner_keeps_the_fastest_pruning_that_costs_no_more_than_its_tolerance(tiny_corpus_dir, tmp_path):
+    train_texts = texts(tiny_corpus_dir, "train")
+    tokenizer = Tokenizer.train(train_texts, 40, "char", tmp_path / "tok.model")
+    lm = build_lm(train_texts, tokenizer, tmp_path / "lm")
+    sentences = sorted(train_texts, key=len)[-5:]
+    outputs = [(lp, torch.tensor([lp.shape[1]])) for lp in (spelled(tokenizer, s, 0.12, seed=i)
+                                                            for i, s in enumerate(sentences))]
+    # the right letter is a close second where a letter is wrong: 5 classes a frame still hold it,
+    # 1 class a frame with a single hypothesis cannot spell the words back
+    pruning = ((50, 10, 25.0), (50, 5, 25.0), (1, 1, 0.0))
+    settings, wer = tune_decoder(lm, outputs, sentences, lm_weights=(2.0,), word_scores=(0.0,), pruning=pruning,
+                                 tolerance=0.0)
+    assert (settings.beam, settings.beam_tokens, settings.beam_threshold) == (50, 5, 25.0) and wer <= 0.1
+    assert (settings.lm_weight, settings.word_score) == (2.0, 0.0)
+    loose, loose_wer = tune_decoder(lm, outputs, sentences, lm_weights=(2.0,), word_scores=(0.0,), pruning=pruning,
+                                    tolerance=1.0)
+    assert (loose.beam, loose.beam_tokens) == (1, 1) and loose_wer > wer  # the fastest, and worse
