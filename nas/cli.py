@@ -365,8 +365,9 @@ def _bench(args) -> int:
     designs = tuple(d.strip() for d in args.designs.split(","))
     if not designs or not set(designs) <= {"unshared", "paper"}:
         raise UserError("--designs", "", f"{args.designs!r}: expected unshared, paper or both, comma-separated")
-    threads = max(1, (os.cpu_count() or 2) // args.jobs) if args.jobs > 1 else 2
-    fidelity = {"proxy": args.proxy, "reference": args.reference, "data": args.data, "jobs": args.jobs, "threads": threads}
+    fidelity = {"proxy": args.proxy, "reference": args.reference, "data": args.data, "jobs": args.jobs}
+    if args.jobs > 1:  # the cores shared out among the jobs; alone, bench_fidelity's own default
+        fidelity["threads"] = max(1, (os.cpu_count() or 2) // args.jobs)
     bench.run(args.which, args.out, search, learn={"designs": designs}, fidelity=fidelity,
               deploy={"runs": args.runs} if args.runs else None)
     return 0

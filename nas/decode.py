@@ -119,9 +119,10 @@ class BeamDecoder:
 
 
 # Pruning settings (beam, classes per frame, score threshold) the tuner tries once the LM weight and
-# word score are chosen, faster ones last. Measured on the unshared 1M design's dev set (2026-11-27,
-# one thread each): (32, 10, 25) decodes in 25% of the forward passes' time at dev WER 20.9%;
-# (32, 5, 15) in 16% at 21.0%; (16, 5, 15) in 9% at 22.4%; (8, 5, 15) at 26.9%.
+# word score are chosen, faster ones last. On the unshared 1M design's dev set (2026-11-27, one
+# thread each, another training sharing the 2 cores, so the times are rough): (32, 10, 25) decodes
+# in 25% of the forward passes' time at dev WER 20.9%; (32, 5, 15) in 16% at 21.0%; (16, 5, 15) in 9%
+# at 22.4%; (8, 5, 15) at 26.9%. The tuned choice is measured alone in results/full-1m/metrics.json.
 PRUNING = ((32, 10, 25.0), (32, 5, 15.0), (16, 5, 15.0))
 PRUNING_TOLERANCE = 0.005  # of dev WER (absolute) that a faster pruning may give up
 
