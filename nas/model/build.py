@@ -21,6 +21,16 @@ from nas.model.conformer import (
 )
 from nas.plan import Plan, Slot, build_plan
 
+# Each residual branch's output matrix (or its U factor) starts at a tenth of nn.Linear's scale, so a
+# deep stack starts near the identity. With nn.Linear's scale, every design that repeats blocks (6 to
+# 32 virtual layers, each ending in a LayerNorm) sat on the CTC blank plateau: the paper-style 1M
+# design at dev loss 2.68 after 400 proxy steps, drawn-0a still at 2.70 after 2,700. At 0.1 they learn
+# like the shallow designs (paper-style 1.56, unshared 1.49 instead of 1.56; 0.25 only half-escapes:
+# 2.08). Measured 2026-11-28, 400 proxy steps on one core each; the closing note of #12 has the table.
+# Parity with torchaudio is unaffected: it concerns what a layer computes from given weights.
+BRANCH_OUTPUTS = ("ffn1.out", "ffn2.out", "attn.out", "conv.pw2")
+BRANCH_INIT_GAIN = 0.1
+
 
 class Store(nn.Module):
     """Every stored tensor of the encoder, keyed ``"<store>.<id>"`` as in the plan.
@@ -60,7 +70,8 @@ class _Holder(nn.Module):
 
 
 def _make(slot: Slot) -> nn.Module:
-    """A freshly initialized stored tensor, initialized as ``nn.Linear``/``nn.Conv1d`` would be."""
+    """A freshly initialized stored tensor, initialized as ``nn.Linear``/``nn.Conv1d`` would be,
+    except the residual branches' output matrices (``BRANCH_INIT_GAIN``)."""
     if slot.kind == "layernorm":
         return nn.LayerNorm(slot.shape[0])
     if slot.kind == "batchnorm":
@@ -78,6 +89,8 @@ def _make(slot: Slot) -> nn.Module:
         bound = math.sqrt(3 / inp)
     else:
         bound = 1 / math.sqrt(inp)
+    if slot.store.rsplit(".", 1)[0] in BRANCH_OUTPUTS and slot.store.endswith((".W", ".U")):
+        bound *= BRANCH_INIT_GAIN  # keyed by the stored tensor: tied to v, attn.out keeps v's scale
     return _Holder(torch.empty(slot.shape).uniform_(-bound, bound))
 
 

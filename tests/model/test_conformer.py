@@ -201,3 +201,28 @@ def test_each_front_end_is_counted_exactly_and_maps_lengths_as_the_plan_says(fac
     assert out.tolist() == want and log_probs.shape[1] == want[0]
     # the frame rate each factor promises: 200 frames (2 s) give about 200 / factor
     assert abs(want[0] - 200 / factor) <= 2
+
+
+def test_residual_branches_start_at_a_tenth_of_nn_linear_scale():
+    """Each branch's output matrix (or the U of its factors) is drawn from ±0.1/√fan_in; every other
+    matrix keeps nn.Linear's ±1/√fan_in, so a deep shared stack starts near the identity."""
+    from nas.model.build import BRANCH_INIT_GAIN
+
+    assert BRANCH_INIT_GAIN == 0.1
+    torch.manual_seed(0)
+    arch = ArchConfig.from_dict({
+        "encoder": {"d_model": 64, "n_heads": 4, "ffn_dim": 256, "conv_kernel": 7, "n_layers": 2},
+        "sharing": {"ties": {"attn_v_out": True},
+                    "low_rank": {"ffn_out": {"rank": 16, "share": "U"}}},
+    })
+    layer = ConformerCTC(arch).layers[0]
+
+    def spans(w, fan_in, gain):  # a uniform draw of this many elements nearly reaches its bound
+        bound = gain / fan_in ** 0.5
+        return w.abs().max().item() <= bound and w.abs().max().item() > 0.9 * bound
+
+    assert spans(layer.conv.pw2.weight, 64, 0.1)
+    assert spans(layer.ffn1.outer.U, 16, 0.1 * 3 ** 0.5)  # U·V keeps nn.Linear's variance, then the gain
+    assert spans(layer.ffn1.outer.V, 256, 1.0)
+    assert spans(layer.ffn1.inner.weight, 64, 1.0) and spans(layer.conv.pw1.weight, 64, 1.0)
+    assert layer.attn.out.weight is layer.attn.v.weight and spans(layer.attn.v.weight, 64, 1.0)  # tied to v
