@@ -149,9 +149,10 @@ def _train_all(plan: list, corpus, threads: int, jobs: int) -> None:
     checkpoints."""
     from nas.train import train
 
-    # A step's cost grows with depth. Alone, the cheapest go first, so that a benchmark stopped and
-    # resumed over several sittings has its short runs done early; at once, the longest go first.
-    plan = sorted(plan, key=lambda p: p[3].steps * p[1].encoder.n_layers, reverse=jobs > 1)
+    # A step's cost grows with depth. The cheapest go first, also in parallel: the benchmark is
+    # stopped and resumed over several sittings (or cut by a GPU loan's deadline), and its short runs
+    # done early already tell something. (Longest-first would balance one sitting's jobs better.)
+    plan = sorted(plan, key=lambda p: p[3].steps * p[1].encoder.n_layers)
     if jobs <= 1:
         for label, arch, name, schedule, out in plan:
             train(arch, schedule, corpus, out, threads=threads, progress=True, evaluate_test=name == "reference")
