@@ -89,7 +89,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)  # only once the data was accepted: a refusal writes nothing
     tokenizer = _tokenizer(out, train_set.texts, arch.vocab_size, schedule.tokenizer)
 
-    model = ConformerCTC(arch, dropout=schedule.dropout).to(device)
+    model = ConformerCTC(arch, dropout=schedule.dropout, branch_init_gain=schedule.branch_init_gain).to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": schedule.weight_decay},

@@ -13,7 +13,8 @@ both targets or has trained ``cap`` times as long as the new recipe took to reac
 it reached (then its ratio is at least ``cap``), or at its own end.
 
 Both recipes run on today's trainer code, so what the code itself gained (a fused optimizer step,
-a padding fix) helps the old recipe too and is not in the ratio. Each run lives in
+a padding fix) helps the old recipe too and is not in the ratio. The residual branches' initial
+scale is part of the recipe (``branch_init_gain``): ``full-v1`` keeps ``nn.Linear``'s. Each run lives in
 ``results/bench-learn/<design>-<schedule>/`` and resumes from its checkpoint: the benchmark can be
 finished over several sittings by running it again.
 """

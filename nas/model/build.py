@@ -21,12 +21,13 @@ from nas.model.conformer import (
 )
 from nas.plan import Plan, Slot, build_plan
 
-# Each residual branch's output matrix (or its U factor) starts at a tenth of nn.Linear's scale, so a
-# deep stack starts near the identity. With nn.Linear's scale, every design that repeats blocks (6 to
+# Each residual branch's output matrix (or its U factor) starts at a tenth of nn.Linear's scale (the
+# schedule's `branch_init_gain`, 0.1 by default), so a deep stack starts near the identity. With nn.Linear's scale, every design that repeats blocks (6 to
 # 32 virtual layers, each ending in a LayerNorm) sat on the CTC blank plateau: the paper-style 1M
 # design at dev loss 2.68 after 400 proxy steps, drawn-0a still at 2.70 after 2,700. At 0.1 they learn
 # like the shallow designs (paper-style 1.56, unshared 1.49 instead of 1.56; 0.25 only half-escapes:
-# 2.08). Measured 2026-11-28, 400 proxy steps on one core each; the closing note of #12 has the table.
+# 2.08). Measured 2026-11-28, 400 proxy steps on one core each; `nas bench learn` measures it in full
+# (`full-v1`, the recipe before, keeps nn.Linear's scale).
 # Parity with torchaudio is unaffected: it concerns what a layer computes from given weights.
 BRANCH_OUTPUTS = ("ffn1.out", "ffn2.out", "attn.out", "conv.pw2")
 BRANCH_INIT_GAIN = 0.1
@@ -39,9 +40,9 @@ class Store(nn.Module):
     use a tensor refer to it too; :func:`torch.save` and safetensors keep one copy).
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, branch_init_gain: float = BRANCH_INIT_GAIN):
         super().__init__()
-        self.plan = plan
+        self.plan, self.branch_init_gain = plan, branch_init_gain
         self.slots = {s.name: s for s in plan.slots}
         self.tensors = nn.ModuleDict()  # norms (modules) and parameter holders
 
@@ -49,7 +50,7 @@ class Store(nn.Module):
         slot = self.slots[name]
         key = f"{slot.store}.{slot.ids[layer]}".replace(".", "_")
         if key not in self.tensors:
-            self.tensors[key] = _make(slot)
+            self.tensors[key] = _make(slot, self.branch_init_gain)
         made = self.tensors[key]
         return made if slot.kind in ("layernorm", "batchnorm") else made.value
 
@@ -69,9 +70,9 @@ class _Holder(nn.Module):
         self.value = nn.Parameter(value)
 
 
-def _make(slot: Slot) -> nn.Module:
+def _make(slot: Slot, branch_init_gain: float) -> nn.Module:
     """A freshly initialized stored tensor, initialized as ``nn.Linear``/``nn.Conv1d`` would be,
-    except the residual branches' output matrices (``BRANCH_INIT_GAIN``)."""
+    except the residual branches' output matrices, scaled by ``branch_init_gain``."""
     if slot.kind == "layernorm":
         return nn.LayerNorm(slot.shape[0])
     if slot.kind == "batchnorm":
@@ -90,7 +91,7 @@ def _make(slot: Slot) -> nn.Module:
     else:
         bound = 1 / math.sqrt(inp)
     if slot.store.rsplit(".", 1)[0] in BRANCH_OUTPUTS and slot.store.endswith((".W", ".U")):
-        bound *= BRANCH_INIT_GAIN  # keyed by the stored tensor: tied to v, attn.out keeps v's scale
+        bound *= branch_init_gain  # keyed by the stored tensor: tied to v, attn.out keeps v's scale
     return _Holder(torch.empty(slot.shape).uniform_(-bound, bound))
 
 
@@ -100,13 +101,13 @@ class ConformerCTC(nn.Module):
     ``forward`` returns log-probabilities ``(B, T', vocab)`` and output lengths ``(B,)``.
     """
 
-    def __init__(self, arch: ArchConfig, dropout: float = 0.1):
+    def __init__(self, arch: ArchConfig, dropout: float = 0.1, branch_init_gain: float = BRANCH_INIT_GAIN):
         super().__init__()
         self.arch = arch
         plan = build_plan(arch)
         fe, enc = arch.frontend, arch.encoder
         self.frontend = Subsampling(fe.n_mels, fe.channels, enc.d_model, fe.subsampling)
-        self.store = Store(plan)
+        self.store = Store(plan, branch_init_gain)
         self.layers = nn.ModuleList(self._layer(self.store, l, dropout) for l in range(enc.n_layers))
         self.head = nn.Linear(enc.d_model, arch.vocab_size)
         self.dropout = nn.Dropout(dropout)

@@ -205,10 +205,12 @@ def test_each_front_end_is_counted_exactly_and_maps_lengths_as_the_plan_says(fac
 
 def test_residual_branches_start_at_a_tenth_of_nn_linear_scale():
     """Each branch's output matrix (or the U of its factors) is drawn from ±0.1/√fan_in; every other
-    matrix keeps nn.Linear's ±1/√fan_in, so a deep shared stack starts near the identity."""
-    from nas.model.build import BRANCH_INIT_GAIN
+    matrix keeps nn.Linear's ±1/√fan_in, so a deep shared stack starts near the identity. The
+    schedules set the gain: 0.1 in every recipe but ``full-v1``, the one before it."""
+    from nas.schedule import SCHEDULES, load_schedule
 
-    assert BRANCH_INIT_GAIN == 0.1
+    gains = {p.stem: load_schedule(p.stem).branch_init_gain for p in SCHEDULES.glob("*.yaml")}
+    assert gains.pop("full-v1") == 1.0 and set(gains.values()) == {0.1} and len(gains) >= 5
     torch.manual_seed(0)
     arch = ArchConfig.from_dict({
         "encoder": {"d_model": 64, "n_heads": 4, "ffn_dim": 256, "conv_kernel": 7, "n_layers": 2},
@@ -226,3 +228,4 @@ def test_residual_branches_start_at_a_tenth_of_nn_linear_scale():
     assert spans(layer.ffn1.outer.V, 256, 1.0)
     assert spans(layer.ffn1.inner.weight, 64, 1.0) and spans(layer.conv.pw1.weight, 64, 1.0)
     assert layer.attn.out.weight is layer.attn.v.weight and spans(layer.attn.v.weight, 64, 1.0)  # tied to v
+    assert spans(ConformerCTC(arch, branch_init_gain=1.0).layers[0].conv.pw2.weight, 64, 1.0)
