@@ -22,13 +22,14 @@ from nas.model.conformer import (
 from nas.plan import Plan, Slot, build_plan
 
 # Each residual branch's output matrix (or its U factor) starts at a tenth of nn.Linear's scale (the
-# schedule's `branch_init_gain`, 0.1 by default), so a deep stack starts near the identity. With nn.Linear's scale, every design that repeats blocks (6 to
-# 32 virtual layers, each ending in a LayerNorm) sat on the CTC blank plateau: the paper-style 1M
-# design at dev loss 2.68 after 400 proxy steps, drawn-0a still at 2.70 after 2,700. At 0.1 they learn
-# like the shallow designs (paper-style 1.56, unshared 1.49 instead of 1.56; 0.25 only half-escapes:
-# 2.08). Measured 2026-11-28, 400 proxy steps on one core each; `nas bench learn` measures it in full
-# (`full-v1`, the recipe before, keeps nn.Linear's scale).
-# Parity with torchaudio is unaffected: it concerns what a layer computes from given weights.
+# schedule's `branch_init_gain`, 0.1 by default), so a deep stack starts near the identity. With
+# nn.Linear's scale every design that repeats blocks (each virtual layer ends in a LayerNorm) sat on
+# the CTC blank plateau: the paper-style 1M design at dev loss 2.68 after 400 proxy steps, drawn-0a
+# still at 2.70 after 2,700. At 0.1 they learn like the shallow designs (paper-style 1.56, unshared
+# 1.49 instead of 1.56; 0.25 only half-escapes: 2.08); designs of 18 or more virtual layers still do
+# not (the README's `ArchConfig` section has the command). The default is also the schedules': a
+# model built outside training starts as a trained one did. Parity with torchaudio is unaffected:
+# it concerns what a layer computes from given weights.
 BRANCH_OUTPUTS = ("ffn1.out", "ffn2.out", "attn.out", "conv.pw2")
 BRANCH_INIT_GAIN = 0.1
 
