@@ -39,7 +39,10 @@ class Schedule(BaseModel):
     batches shortest first (SortaGrad, Amodei et al. 2016),
     the rest in a shuffled order. With ``ema`` (a decay such as 0.995) the weights evaluated and
     saved are an exponential moving average of the trained ones. ``branch_init_gain`` scales the
-    initial output matrix of every residual branch against ``nn.Linear``'s (:mod:`nas.model.build`). ``eval_every`` steps the dev set (its first ``eval_utterances``)
+    initial output matrix of every residual branch against ``nn.Linear``'s (:mod:`nas.model.build`).
+    A tensor that serves ``k`` places of the encoder (shared by layers, or tied) learns at the
+    learning rate divided by ``k ** shared_lr_exponent`` (:func:`nas.train._param_groups`).
+    ``eval_every`` steps the dev set (its first ``eval_utterances``)
     is decoded greedily. ``decode`` says how the final evaluation decodes: ``greedy``, or ``beam``
     (beam search with a lexicon and a word ``lm_order``-gram LM built from the training
     transcripts, its LM weight tuned on dev; the greedy figures are reported beside it).
@@ -60,6 +63,7 @@ class Schedule(BaseModel):
     sort_first_steps: int = Field(0, ge=0)
     ema: float = Field(0.0, ge=0, lt=1)
     branch_init_gain: float = Field(0.1, gt=0, le=1)
+    shared_lr_exponent: float = Field(1.0, ge=0, le=1)
     eval_every: int = Field(gt=0)
     eval_utterances: int | None = Field(None, gt=0)
     tokenizer: Literal["char", "unigram", "bpe"] = "char"

@@ -25,11 +25,13 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
 
     first = fidelity.bench_fidelity(**args, jobs=2)
     runs = sorted(p.name for p in (tmp_path / "bench" / "runs").iterdir())
-    assert runs == sorted(f"{label}-{s}" for label in widths for s in ("tiny", "tiny-asha1-2", "tiny-ref"))
+    assert sorted(run.rsplit("-", 1)[0] for run in runs) == sorted(
+        f"{label}-{s}" for label in widths for s in ("tiny", "tiny-asha1-2", "tiny-ref"))
+    assert len({run.rsplit("-", 1)[1] for run in runs}) == len(runs)  # each recipe its own hash
     for run in runs:
         m = json.loads((tmp_path / "bench" / "runs" / run / "metrics.json").read_text())
-        assert m["steps"] == {"tiny": 12, "tiny-asha1-2": 24, "tiny-ref": 36}[run.split("-", 1)[1]]
-        assert ("test" in m) == run.endswith("tiny-ref")  # only the reference decodes test
+        assert m["steps"] == {"tiny": 12, "tiny-asha1-2": 24, "tiny-ref": 36}[run.split("-", 1)[1].rsplit("-", 1)[0]]
+        assert ("test" in m) == (m["schedule"] == "tiny-ref")  # only the reference decodes test
     lengths = {row["length"] for row in first["table"]}
     assert lengths == {"proxy (12 steps, annealed)", "rung 1x (12 steps)", "rung 2x (24 steps)"}
     assert {row["signal"] for row in first["table"]} == set(fidelity.SIGNALS)
@@ -44,3 +46,40 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
     monkeypatch.setattr(nas.train, "train", no_training)
     again = fidelity.bench_fidelity(**args, jobs=1)
     assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)  # nan where WER does not vary
+
+
+def test_pool_workers_exit_when_the_benchmark_is_killed(tmp_path):
+    """A driver killed outright leaves its pool's workers behind unless they watch for it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from nas.bench.fidelity import exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=exit_with_parent, initargs=(0.1,))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, text=True,
+                            cwd=fidelity.ROOT, env=os.environ | {"PYTHONPATH": str(fidelity.ROOT)})
+    worker = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    status = f"/proc/{worker}/status"
+    for _ in range(100):  # the watch polls every 0.1 s here; give a loaded machine 20 s
+        try:
+            with open(status) as f:  # gone, or a zombie where nothing reaps orphans
+                if "\tZ" in next(line for line in f if line.startswith("State:")):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError(f"worker {worker} outlived its killed driver")

@@ -172,3 +172,40 @@ def test_the_moving_average_is_the_warmed_up_formula_applied_to_every_float_tens
             expected[k] = v.clone() if not v.is_floating_point() else expected[k] + (v - expected[k]) * (1 - d)
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_that_serves_k_places_learns_at_the_rate_divided_by_k():
+    """Adam moves a tensor about as far whatever its gradient, so one that serves k places of the
+    encoder gets peak_lr / k (``shared_lr_exponent`` 1); ``full-v1`` keeps one rate for all."""
+    from nas.model import ConformerCTC
+    from nas.train import _param_groups
+
+    arch = ArchConfig.from_dict({  # 4 virtual layers on 2 blocks, one conv for all, tied halves
+        "encoder": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "conv_kernel": 5, "n_layers": 4},
+        "sharing": {"blocks": {"pattern": "cycle", "n": 2},
+                    "modules": {"conv": {"pattern": "cycle", "n": 1}},
+                    "ties": {"ffn_macaron": True, "attn_qk": True},
+                    "low_rank": {"ffn_in": {"rank": 8, "share": "U"}}},
+    })
+    model = ConformerCTC(arch)
+    groups = _param_groups(model, schedule(peak_lr=1e-3))
+    lr = {p: g["lr"] for g in groups for p in g["params"]}
+    decay = {p: g["weight_decay"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(lr) == len(list(model.parameters()))
+    first = model.layers[0]
+    want = {
+        first.conv.pw2.weight: 4,      # one convolution for the 4 layers
+        first.ffn1.inner.U: 8,         # one U for the 4 layers, each using it in both tied halves
+        first.ffn1.inner.V: 4,         # per block: 2 layers, both halves
+        first.attn.q.weight: 4,        # per block, and q is k
+        first.attn.v.weight: 2,        # per block
+        first.final_norm.weight: 2,
+        model.head.weight: 1,          # outside the encoder
+        model.frontend.proj.weight: 1,
+    }
+    for p, k in want.items():
+        assert lr[p] == pytest.approx(1e-3 / k)
+    assert decay[first.attn.q.weight] == 0.01 and decay[first.final_norm.weight] == 0.0
+    # the recipe before it: one rate for all
+    old = _param_groups(model, schedule(peak_lr=1e-3, shared_lr_exponent=0.0))
+    assert {g["lr"] for g in old} == {1e-3}

@@ -14,7 +14,8 @@ For every candidate signal (dev loss per token, dev CER, dev WER, the mean train
 proxy length, the benchmark reports Kendall's τ and Spearman's ρ against the reference's dev WER
 (beam search with the LM when the reference decodes so), the proxy's cost as a share of the
 reference's training time, and the τ of ranking by physical parameters alone (more is better),
-the baseline a proxy must beat. Each run lives in ``results/bench-fidelity/runs/`` and resumes:
+the baseline a proxy must beat. Each run lives in ``results/bench-fidelity/runs/<design>-<schedule>-<hash>``
+(the hash is :func:`nas.workers.run_key`'s, so a changed recipe starts new runs) and resumes:
 the benchmark can be finished over several sittings.
 """
 
@@ -84,7 +85,7 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     from nas.budget import count
     from nas.describe import sharing_levels
     from nas.schedule import Rungs, load_schedule
-    from nas.workers import prepare_data
+    from nas.workers import prepare_data, run_key
 
     corpus, summary = prepare_data(data)  # once, here: not in each of the jobs
     print(f"  {summary}", flush=True)
@@ -92,7 +93,9 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     stretched = Rungs(rungs).schedule(base)
     runs = Path(results) / "runs"
     designs = load_designs()
-    plan = [(label, arch, name, schedule, runs / f"{label}-{schedule.name}")
+    # A run's directory names its recipe's hash too: a change to a schedule (or to a design)
+    # trains it anew instead of reading the metrics of the recipe before.
+    plan = [(label, arch, name, schedule, runs / f"{label}-{schedule.name}-{run_key(arch, schedule)[:8]}")
             for label, arch in designs
             for name, schedule in (("proxy", base), ("asha", stretched), ("reference", ref))]
     pending = {p[4]: p for p in sorted(plan, key=lambda p: p[2] == "reference")}  # one run per directory,
@@ -165,7 +168,8 @@ def _train_all(plan: list, corpus, threads: int, jobs: int) -> None:
 
     print(f"  training {len(plan)} runs, {jobs} at a time", flush=True)
     t0, failed = time.perf_counter(), []
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent) as pool:
         futures = {pool.submit(train, arch, schedule, corpus, out, threads=threads, progress=False,
                                evaluate_test=name == "reference"): out.name
                    for _, arch, name, schedule, out in plan}
@@ -180,6 +184,26 @@ def _train_all(plan: list, corpus, threads: int, jobs: int) -> None:
     if failed:
         raise UserError(str(plan[0][4].parent), "", f"{len(failed)} runs failed ({', '.join(failed)}); "
                         "run the benchmark again to retry them from their checkpoints")
+
+
+def exit_with_parent(poll_s: float = 2.0) -> None:
+    """A pool worker's initializer: the worker exits once the process that started it is gone.
+
+    A benchmark stopped by a signal (``kill``, a session's end) ends without shutting its pool
+    down, and the workers would go on training, unseen, on the cores the next run is timed on.
+    The standard library has no portable parent-death signal, hence the watch thread."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)  # checkpoints are written atomically: the last one stays whole
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _where(rows: list[dict]) -> str:

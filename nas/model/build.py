@@ -26,8 +26,9 @@ from nas.plan import Plan, Slot, build_plan
 # nn.Linear's scale every design that repeats blocks (each virtual layer ends in a LayerNorm) sat on
 # the CTC blank plateau: the paper-style 1M design at dev loss 2.68 after 400 proxy steps, drawn-0a
 # still at 2.70 after 2,700. At 0.1 they learn like the shallow designs (paper-style 1.56, unshared
-# 1.49 instead of 1.56; 0.25 only half-escapes: 2.08); designs of 18 or more virtual layers still do
-# not (the README's `ArchConfig` section has the command). The default is also the schedules': a
+# 1.49 instead of 1.56; 0.25 only half-escapes: 2.08); designs of 18 or more virtual layers did
+# not until a shared tensor's learning rate was divided by its uses (`nas.train._param_groups`); the
+# README's `ArchConfig` section has the command. The default is also the schedules': a
 # model built outside training starts as a trained one did. Parity with torchaudio is unaffected:
 # it concerns what a layer computes from given weights.
 BRANCH_OUTPUTS = ("ffn1.out", "ffn2.out", "attn.out", "conv.pw2")
@@ -143,6 +144,15 @@ class ConformerCTC(nn.Module):
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         x, lengths = self.encode(feats, lengths)
         return self.head(x).log_softmax(-1), lengths
+
+    def uses(self) -> dict[nn.Parameter, int]:
+        """How many places of the encoder use each of its parameters: the virtual layers that
+        refer to it, counted once more for each tie inside a layer (tied q/k, v/out, macaron
+        halves). The front-end's and the head's parameters are not in it: each serves one place."""
+        counts: dict[nn.Parameter, int] = {}
+        for _, p in self.layers.named_parameters(remove_duplicate=False):
+            counts[p] = counts.get(p, 0) + 1
+        return counts
 
     def num_params(self) -> int:
         """Unique parameter elements: what the budget arithmetic must equal."""
