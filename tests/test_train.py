@@ -209,3 +209,5 @@ def test_a_tensor_that_serves_k_places_learns_at_the_rate_divided_by_k():
     # the recipe before it: one rate for all
     old = _param_groups(model, schedule(peak_lr=1e-3, shared_lr_exponent=0.0))
     assert {g["lr"] for g in old} == {1e-3}
+    exponents = {p.stem: load_schedule(p.stem).shared_lr_exponent for p in nas.schedule.SCHEDULES.glob("*.yaml")}
+    assert exponents.pop("full-v1") == 0.0 and set(exponents.values()) == {1.0} and len(exponents) >= 5
