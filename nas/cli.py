@@ -114,6 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=_positive, default=1,
                    help="fidelity: runs trained at once, each in its own process with the cores shared out "
                         "(on a GPU machine they share the GPU; default 1)")
+    b.add_argument("--no-train", action="store_true",
+                   help="fidelity: train nothing, rank the designs whose runs are all done (where a benchmark "
+                        "run over several sittings stands)")
     b.add_argument("--runs", type=Path, nargs="+",
                    help="deploy: trainer run directories to export (default results/full-1m and results/full-1m-*)")
     b.add_argument("--designs", default="unshared,paper",
@@ -365,7 +368,8 @@ def _bench(args) -> int:
     designs = tuple(d.strip() for d in args.designs.split(","))
     if not designs or not set(designs) <= {"unshared", "paper"}:
         raise UserError("--designs", "", f"{args.designs!r}: expected unshared, paper or both, comma-separated")
-    fidelity = {"proxy": args.proxy, "reference": args.reference, "data": args.data, "jobs": args.jobs}
+    fidelity = {"proxy": args.proxy, "reference": args.reference, "data": args.data, "jobs": args.jobs,
+                "train": not args.no_train}
     if args.jobs > 1:  # the cores shared out among the jobs; alone, bench_fidelity's own default
         fidelity["threads"] = max(1, (os.cpu_count() or 2) // args.jobs)
     bench.run(args.which, args.out, search, learn={"designs": designs}, fidelity=fidelity,

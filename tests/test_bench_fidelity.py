@@ -7,13 +7,14 @@ import pytest
 import nas.bench.fidelity as fidelity
 import nas.train
 from conftest import TINY_ARCH
+from nas.errors import UserError
 
 
 @pytest.mark.slow
 def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothing(tiny_corpus_dir, tmp_path,
                                                                                    monkeypatch):
     designs = tmp_path / "designs.json"
-    widths = {"narrow": 16, "middle": 24, "wide": 32}
+    widths = {"thin": 8, "narrow": 16, "middle": 24, "wide": 32}
     designs.write_text(json.dumps([{"label": label, "arch": TINY_ARCH | {"encoder": TINY_ARCH["encoder"] | {"d_model": d}}}
                                    for label, d in widths.items()]))
     reference = tmp_path / "ref.yaml"  # the tiny recipe, 3x as long, under a name of its own
@@ -23,6 +24,8 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
     args = dict(results=tmp_path / "bench", proxy="tiny", reference=str(reference), rungs=(1, 2),
                 data=f"manifest:{tiny_corpus_dir}", threads=1)
 
+    with pytest.raises(UserError, match="0 of 4 designs have all three runs done"):
+        fidelity.bench_fidelity(**args, train=False)
     first = fidelity.bench_fidelity(**args, jobs=2)
     runs = sorted(p.name for p in (tmp_path / "bench" / "runs").iterdir())
     assert sorted(run.rsplit("-", 1)[0] for run in runs) == sorted(
@@ -46,6 +49,13 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
     monkeypatch.setattr(nas.train, "train", no_training)
     again = fidelity.bench_fidelity(**args, jobs=1)
     assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)  # nan where WER does not vary
+
+    # A sitting cut short: the designs with all three runs done are ranked, and nothing is trained.
+    (unfinished,) = (tmp_path / "bench" / "runs").glob("middle-tiny-ref-*")
+    (unfinished / "metrics.json").unlink()
+    standing = fidelity.bench_fidelity(**args, train=False)
+    assert standing["setup"].startswith("3 of 4 designs")
+    assert [d["label"] for d in standing["designs"]] == ["thin", "narrow", "wide"]
 
 
 def test_pool_workers_exit_when_the_benchmark_is_killed(tmp_path):
@@ -83,3 +93,13 @@ def test_pool_workers_exit_when_the_benchmark_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     raise AssertionError(f"worker {worker} outlived its killed driver")
+
+
+def test_bench_md_shows_a_list_of_records_as_a_table_of_its_own():
+    from nas.bench import _markdown
+
+    md = _markdown({"fidelity": {"setup": "3 designs", "table": [{"signal": "loss", "kendall_tau": 0.6},
+                                                                 {"signal": "cer", "kendall_tau": 0.2}]}})
+    assert "| setup | 3 designs |" in md
+    assert "| signal | kendall_tau |\n| --- | --- |\n| loss | 0.6 |\n| cer | 0.2 |" in md
+    assert "[{" not in md

@@ -58,7 +58,17 @@ def run(which: str, out_dir: Path, search: dict | None = None, learn: dict | Non
 def _markdown(results: dict) -> str:
     lines = ["# Benchmarks", "", "Written by `nas bench`. Ratios are against a reference measured in the same run.", ""]
     for name, figures in results.items():
+        tables = {k: v for k, v in figures.items() if _is_table(v)}
         lines += [f"## {name}", "", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v} |" for k, v in figures.items()]
+        lines += [f"| {k} | {v} |" for k, v in figures.items() if k not in tables]
         lines.append("")
+        for key, rows in tables.items():  # a list of records reads as a table of its own
+            columns = list(dict.fromkeys(c for row in rows for c in row))
+            lines += [f"**{key}**", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+            lines.append("")
     return "\n".join(lines)
+
+
+def _is_table(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(row, dict) for row in value)

@@ -77,18 +77,20 @@ def load_designs() -> list[tuple[str, object]]:
 
 
 def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = "proxy", reference: str = "full",
-                   rungs: tuple[int, ...] = (1, 3, 9), data: str = "synth", threads: int = 2, jobs: int = 1) -> dict:
+                   rungs: tuple[int, ...] = (1, 3, 9), data: str = "synth", threads: int = 2, jobs: int = 1,
+                   train: bool = True) -> dict:
     """Train every design's three runs that are not done yet (``jobs`` at a time, each in its own
-    process with ``threads`` threads; on a GPU machine they share the GPU), then rank."""
+    process with ``threads`` threads; on a GPU machine they share the GPU), then rank. With
+    ``train=False``, only rank the designs whose three runs are done: where a benchmark run over
+    several sittings stands (its ``setup`` says how many designs are in)."""
     from scipy.stats import kendalltau, spearmanr
 
     from nas.budget import count
     from nas.describe import sharing_levels
+    from nas.errors import UserError
     from nas.schedule import Rungs, load_schedule
     from nas.workers import prepare_data, run_key
 
-    corpus, summary = prepare_data(data)  # once, here: not in each of the jobs
-    print(f"  {summary}", flush=True)
     base, ref = load_schedule(proxy), load_schedule(reference)
     stretched = Rungs(rungs).schedule(base)
     runs = Path(results) / "runs"
@@ -100,9 +102,17 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
             for name, schedule in (("proxy", base), ("asha", stretched), ("reference", ref))]
     pending = {p[4]: p for p in sorted(plan, key=lambda p: p[2] == "reference")}  # one run per directory,
     # the reference's where a schedule is both (it also decodes test)
-    _train_all([p for out, p in pending.items() if not (out / "metrics.json").is_file()], corpus, threads, jobs)
+    if train:
+        corpus, summary = prepare_data(data)  # once, here: not in each of the jobs
+        print(f"  {summary}", flush=True)
+        _train_all([p for out, p in pending.items() if not (out / "metrics.json").is_file()], corpus, threads, jobs)
+    done = [(label, arch) for label, arch in designs
+            if all((p[4] / "metrics.json").is_file() for p in plan if p[0] == label)]
+    if len(done) < 3:
+        raise UserError(str(runs), "", f"{len(done)} of {len(designs)} designs have all three runs done: "
+                                       "too few to rank (run the benchmark without --no-train to train them)")
     rows = []
-    for label, arch in designs:
+    for label, arch in done:
         row = {"label": label, "params": count(arch).physical, "levels": sharing_levels(arch)}
         for _, _, name, schedule, out in (p for p in plan if p[0] == label):
             row[name] = m = json.loads((out / "metrics.json").read_text())
@@ -133,7 +143,7 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     best = max(table, key=lambda t: t["kendall_tau"] if not math.isnan(t["kendall_tau"]) else -2)
     _plots(rows, target, lengths, Path(results))
     return {
-        "setup": f"{len(rows)} designs of {DESIGNS.name}; proxy {proxy}, rungs {rungs}, reference {reference} "
+        "setup": f"{len(rows)}{'' if len(rows) == len(designs) else f' of {len(designs)}'} designs of {DESIGNS.name}; proxy {proxy}, rungs {rungs}, reference {reference} "
                  f"(dev WER, {'beam + LM' if 'beam_wer' in rows[0]['reference']['dev'] else 'greedy'}); "
                  f"trained on {_where(rows)}",
         "designs": [{"label": r["label"], "params": r["params"], "levels": list(r["levels"]),
