@@ -19,6 +19,12 @@ from pathlib import Path
 from nas.errors import UserError
 
 
+def _schedule_names() -> str:
+    from nas.schedule import SCHEDULES
+
+    return ", ".join(sorted(p.stem for p in SCHEDULES.glob("*.yaml")))
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         # No abbreviations: "--gpus" must not quietly mean "--gpus-per-trial" (or a future option).
@@ -137,7 +143,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train and evaluate one design (the trainer)")
     t.add_argument("arch", type=Path, help="ArchConfig JSON (an export's arch.json works too)")
-    t.add_argument("--schedule", default="proxy", help="proxy, full, demo, tiny, or a YAML file")
+    t.add_argument("--schedule", default="proxy",
+                   help=f"a named schedule ({_schedule_names()}) or a YAML file (default proxy)")
     t.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -167,14 +174,15 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--enqueue", type=Path, action="append", default=[], help="ArchConfig JSON to add (repeatable)")
     se.add_argument("--no-baselines", action="store_true", help="don't add the built-in baselines")
     se.add_argument("--max-trial-memory", type=_megabytes, metavar="SIZE",
-                    help="memory guard: a trial whose process holds more (e.g. 6GB, 800MB) stops as FAIL")
+                    help="memory guard: a trial whose process holds more (e.g. 6GB, 800MB) stops as FAILED")
     se.add_argument("--results", type=Path, default=Path("results"), help="where results/<study>/ goes")
     se.set_defaults(run=_search)
 
     rt = sub.add_parser("retrain", help="retrain the best designs of a study with the full schedule")
     rt.add_argument("study")
     rt.add_argument("--top", type=_positive, default=3, help="designs spread along the front (baselines are added)")
-    rt.add_argument("--schedule", default="full")
+    rt.add_argument("--schedule", default="full",
+                    help=f"a named schedule ({_schedule_names()}) or a YAML file (default full)")
     rt.add_argument("--workers", type=_positive, default=2)
     rt.add_argument("--cpus-per-trial", type=_positive, default=1)
     rt.add_argument("--gpus-per-trial", type=_fraction, default=0, help="GPUs each trial asks Ray for (default 0)")

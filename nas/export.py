@@ -66,7 +66,7 @@ def write_export(out_dir: Path, arch: ArchConfig, run_dir: Path, provenance: dic
                  test_utterances: int | None = None, measure: bool = True, progress: bool = False) -> Path:
     """Export the design ``arch`` trained in ``run_dir`` (a trainer output directory) to ``out_dir``.
 
-    ``provenance`` (study, trial, proxy and full WER, budget...) is stored as given in
+    ``provenance`` (study, trial, proxy signal and value, full WER, budget...) is stored as given in
     ``arch.json``, completed with the sizes from :func:`nas.budget.count`, the tokenizer's
     sha256, the feature settings, the run's metrics, the dtype and how it was quantized, and the
     measurements. Refuses an ``out_dir`` that already holds files unless ``force`` (which
@@ -247,7 +247,7 @@ def choose_for_export(study: optuna.Study, out: Path, design: int | None, best_u
     retrained = row is not None and row["full_dev_wer"] is not None
     provenance = {
         "study": study.study_name, "trial": rec.number, "label": rec.label,
-        "proxy_wer": next(iter(rec.values.values())) if rec.values else None,
+        "proxy_signal": next(iter(rec.values), None), "proxy_value": next(iter(rec.values.values()), None),
         "full_dev_wer": row["full_dev_wer"] if retrained else None,
         "full_test_wer": row["full_test_wer"] if retrained else None,
         "weights": f"{row['schedule']} schedule" if retrained else f"{settings.get('proxy')} schedule (not retrained)",

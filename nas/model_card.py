@@ -33,9 +33,11 @@ def model_card(name: str, arch: ArchConfig, prov: dict, onnx_size: int) -> str:
                   ("graph constants; graph and names", f"{f['constants']:,} B; {f['graph_and_names']:,} B")]
     wers = [(k.replace("_", " "), f"{v:.3f}" if isinstance(v, float) else str(v))
             for k, v in prov.items() if "wer" in k.lower() and not isinstance(v, dict)]
+    if prov.get("proxy_value") is not None:  # the search's proxy signal (dev CER, WER or a loss), named
+        wers.insert(0, (f"proxy {prov['proxy_signal'].replace('_', ' ')}", f"{prov['proxy_value']:.3f}"))
     wers += [(f"this run, {k.replace('_', ' ')}", f"{v:.3f}") for k, v in run.items() if k.endswith(("_wer", "_cer"))]
     shown = ("bytes", "features", "run", "physical_params", "virtual_params", "macs_per_second", "onnx_file",
-             "quantization", "decoder", "deployment")
+             "quantization", "decoder", "deployment", "proxy_signal", "proxy_value")
     given = [(k, json.dumps(v)) for k, v in prov.items() if k not in shown and "wer" not in k.lower()]
     given += [(f"run {k}", str(v)) for k, v in run.items() if not k.endswith(("_wer", "_cer"))]
     return _card_template().render(

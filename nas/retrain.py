@@ -105,7 +105,7 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
     for r in rows:
         state = (f"full dev WER {r['full_dev_wer']:.3f}, test WER {r['full_test_wer']:.3f}"
                  if r["full_test_wer"] is not None else "FAILED: " + (r.get("error") or "no metrics.json"))
-        proxy = "none" if r["proxy_wer"] is None else f"{r['proxy_wer']:.3f}"
+        proxy = "none" if r["proxy_value"] is None else f"{r['proxy_signal']} {r['proxy_value']:.3f}"
         print(f"trial {r['number']}{' (' + r['label'] + ')' if r['label'] else ''} seed {r['seed']}: "
               f"proxy {proxy}, {state}")
     return rows
@@ -122,7 +122,8 @@ def _row(r: TrialRecord, job: Job, schedule: str) -> dict:
 
     return {
         "number": r.number, "label": r.label, "seed": job.schedule.seed,
-        "proxy_wer": next(iter(r.values.values())) if r.values else None,  # the proxy signal's value
+        # the search's first objective (the proxy signal: cer, wer, loss or train_loss) and its value
+        "proxy_signal": next(iter(r.values), None), "proxy_value": next(iter(r.values.values()), None),
         "full_dev_wer": wer("dev", "wer"), "full_test_wer": wer("test", "wer"), "full_test_cer": wer("test", "cer"),
         "full_test_wer_greedy": m["test"]["wer"] if m else None, "full_test_cer_greedy": m["test"]["cer"] if m else None,
         "decoding": None if m is None else ("beam + lexicon + LM" if "beam_wer" in m["test"] else "greedy"),

@@ -43,7 +43,7 @@ SHARED = ArchConfig.from_dict({
                 "ties": {"attn_qk": True, "conv_glu": True, "ffn_macaron": True},
                 "low_rank": {"ffn_in": {"rank": 48, "share": "U"}, "ffn_out": {"rank": 48, "share": "V"}},
                 "per_layer_cheap": True}})
-PROVENANCE = {"study": "test", "trial": 3, "proxy_wer": 0.91, "budget": "1M"}
+PROVENANCE = {"study": "test", "trial": 3, "proxy_signal": "cer", "proxy_value": 0.91, "budget": "1M"}
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +343,7 @@ def test_arch_json_is_what_the_trainer_reads(plain_export, plain_run):
     assert prov["tokenizer_sha256"] == Tokenizer.load(plain_export / "tokenizer.model").sha256
     assert prov["run"]["test_wer"] == metrics["test"]["wer"] and prov["features"]["n_mels"] == 80
     card = (plain_export / "README.md").read_text()
-    assert sharing_in_words(PLAIN) in card and "0.910" in card and "class 0 is the CTC blank" in card
+    assert sharing_in_words(PLAIN) in card and "| proxy cer | 0.910 |" in card and "class 0 is the CTC blank" in card
     assert "nas transcribe DIR FILE.wav" in card and "nas train DIR/arch.json --schedule full" in card
 
 

@@ -73,10 +73,10 @@ def retrained_rows(study):
     budget = TINY.budget
     trained = [r for r in records(study) if r.state == "complete"]
     paper = dict(baselines(TINY, budget))["paper"]
-    rows = [{"number": r.number, "label": r.label, "seed": 0, "proxy_wer": r.values["wer"],
+    rows = [{"number": r.number, "label": r.label, "seed": 0, "proxy_signal": "wer", "proxy_value": r.values["wer"],
              "full_dev_wer": 0.30 + 0.05 * i, "full_test_wer": 0.32 + 0.05 * i, "full_test_cer": 0.1 + 0.02 * i,
              "bytes": r.bytes, "physical_params": r.physical_params, "arch": {}} for i, r in enumerate(trained)]
-    rows.append({"number": 99, "label": "paper", "seed": 0, "proxy_wer": 0.97, "full_dev_wer": 0.41,
+    rows.append({"number": 99, "label": "paper", "seed": 0, "proxy_signal": "wer", "proxy_value": 0.97, "full_dev_wer": 0.41,
                  "full_test_wer": 0.43, "full_test_cer": 0.15, "bytes": count(paper).bytes(budget.dtype),
                  "physical_params": count(paper).physical, "arch": {}})
     next(r for r in rows if r["label"] == "unshared").update(full_dev_wer=0.50, full_test_wer=0.52)
@@ -173,7 +173,7 @@ def test_report_with_retrained_designs_has_the_headline_and_proxy_fidelity(searc
     assert saved["searched"]["seeds"] == [0, 1, 2] and saved["baselines"]["paper"]["test_wer_mean"] == pytest.approx(0.43)
 
     seed0 = [r for r in rows if r["seed"] == 0]  # fidelity counts each design once
-    proxy, full = [r["proxy_wer"] for r in seed0], [r["full_dev_wer"] for r in seed0]
+    proxy, full = [r["proxy_value"] for r in seed0], [r["full_dev_wer"] for r in seed0]
     fidelity = section(md, "Proxy fidelity")
     for stat in (kendalltau(proxy, full).statistic, spearmanr(proxy, full).statistic):
         assert ("n/a" if math.isnan(stat) else f"{stat:.3f}") in fidelity  # nan when a side does not vary
@@ -283,7 +283,7 @@ def test_a_signal_other_than_wer_is_named_and_written_as_a_plain_number(tmp_path
 
 def test_a_failed_retrain_is_left_out_not_a_crash(tmp_path):
     study = optuna.create_study(directions=["minimize", "minimize"])
-    failed = {"number": 0, "label": "unshared", "proxy_wer": 1.0, "full_dev_wer": None, "full_test_wer": None,
+    failed = {"number": 0, "label": "unshared", "proxy_signal": "wer", "proxy_value": 1.0, "full_dev_wer": None, "full_test_wer": None,
               "full_test_cer": None, "bytes": 10, "physical_params": 10, "arch": {}}
     text = write_report(study, tmp_path, 100, "fp32", retrained=[failed]).read_text()
     assert "Headline" not in text

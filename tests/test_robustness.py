@@ -99,7 +99,7 @@ def run_dir(tiny_corpus_dir, tmp_path_factory):
 
 
 def rows_for(run_dir) -> list[dict]:
-    row = {"number": 3, "label": None, "proxy_wer": 0.9, "full_dev_wer": 0.8, "full_test_wer": 0.8,
+    row = {"number": 3, "label": None, "proxy_signal": "wer", "proxy_value": 0.9, "full_dev_wer": 0.8, "full_test_wer": 0.8,
            "full_test_cer": 0.5, "bytes": 100, "physical_params": 25, "arch": TINY_ARCH, "run_dir": str(run_dir)}
     gone = row | {"number": 0, "label": "unshared", "run_dir": str(run_dir.parent / "gone")}
     return [row, gone]

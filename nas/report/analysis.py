@@ -125,7 +125,7 @@ class Fidelity:
 
     @property
     def proxy(self) -> list[float]:
-        return [r["proxy_wer"] for r in self.rows]  # the proxy signal's value, whatever the signal
+        return [r["proxy_value"] for r in self.rows]  # the value of the signal `proxy_signal` names
 
     @property
     def full(self) -> list[float]:

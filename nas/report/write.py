@@ -24,7 +24,7 @@ def write_report(study: optuna.Study, out_dir: Path, budget_bytes: int, dtype: s
     """Write ``report.md``, ``report.html`` and the PNGs into ``out_dir``; return the Markdown path.
 
     ``budget_bytes`` at ``dtype`` is the search's budget. ``retrained`` rows (one per fully
-    retrained design: ``number``, ``label``, ``proxy_wer`` (the proxy signal's value),
+    retrained design: ``number``, ``label``, ``proxy_signal`` and ``proxy_value`` (the search's proxy signal and its value),
     ``full_dev_wer``, ``full_test_wer``, ``full_test_cer``, ``bytes``, ``physical_params``, ``arch``)
     add the headline comparison and the proxy-fidelity check.
     """
