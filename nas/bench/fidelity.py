@@ -27,9 +27,10 @@ import random
 import warnings
 from pathlib import Path
 
+from nas.study import SIGNALS  # the proxy signals a search can rank by, and their keys in a run's curve
+
 ROOT = Path(__file__).resolve().parents[2]
 DESIGNS = ROOT / "search_spaces" / "fidelity.json"
-SIGNALS = {"loss": "dev_loss", "cer": "dev_cer", "wer": "dev_wer", "train_loss": "train_loss_mean"}
 BINS = ((200_000, 400_000), (400_000, 600_000), (600_000, 800_000), (800_000, 1_000_000))
 
 
