@@ -3,10 +3,13 @@ successive halving against fixed proxies at equal wall time."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
 from pathlib import Path
+
+from nas.files import atomic_write
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -24,16 +27,31 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
 
     With ``fidelity_minutes``, also ``--fidelity fixed`` against ``--fidelity asha`` (seed 0), each
     searching for that long: the designs each evaluated (complete, or stopped at a rung), and the
-    ``reference`` schedule's test WER of each one's best complete design."""
+    ``reference`` schedule's test WER of each one's best complete design.
+
+    It takes hours at the default size, so it resumes: run it again with the same arguments and
+    the sampler studies continue where they stopped (Optuna storage), a timed part that finished
+    is read back, and one cut short starts over (its minutes must be whole). Other arguments, or a
+    changed proxy or reference recipe, start the benchmark over."""
     from nas.budget import parse_budget
     from nas.pareto import hypervolume_curve, reference_point
+    from nas.schedule import load_schedule
     from nas.trials import records, tally
     from nas.search import SearchSettings, run_search
     from nas.space import load_space
 
     sp, b = load_space(SPACES / space), parse_budget(budget)
     results = Path(results)
-    shutil.rmtree(results, ignore_errors=True)  # every figure comes from this run
+    stamp = {"space": space, "budget": budget, "data": data, "objective": objective, "trials": trials,
+             "seeds": seeds, "parallel_trials": parallel_trials, "fidelity_minutes": fidelity_minutes,
+             "proxy": load_schedule(proxy).model_dump(mode="json"),
+             "reference": load_schedule(reference).model_dump(mode="json") if fidelity_minutes else None}
+    if _read(results / "settings.json") != stamp:  # figures of other settings must not mix in
+        if results.exists():
+            print(f"  {results}: other settings before; starting over", flush=True)
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir(parents=True)
+        atomic_write(results / "settings.json", json.dumps(stamp, indent=2) + "\n")
 
     def search(study: str, **kw) -> list:
         settings = SearchSettings(space=sp, budget=b, study=study, data=data, proxy=proxy, results=results,
@@ -56,9 +74,11 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     reach = next((i + 1 for i, hv in enumerate(mean["tpe"]) if hv >= target), None)
     rates = {}
     for workers, cpus in ((2, 1), (1, 2)):
-        t0 = time.perf_counter()
-        search(f"parallel-{workers}x{cpus}", trials=parallel_trials, workers=workers, cpus_per_trial=cpus, seed=0)
-        rates[f"{workers}x{cpus}"] = parallel_trials / ((time.perf_counter() - t0) / 3600)
+        def timed(study=f"parallel-{workers}x{cpus}", workers=workers, cpus=cpus) -> float:
+            t0 = time.perf_counter()
+            search(study, trials=parallel_trials, workers=workers, cpus_per_trial=cpus, seed=0)
+            return parallel_trials / ((time.perf_counter() - t0) / 3600)
+        rates[f"{workers}x{cpus}"] = _once(results / f"parallel-{workers}x{cpus}", timed)
     modes = compare_fidelity(search, fidelity_minutes, reference, data, results) if fidelity_minutes else None
     return {
         **({"fidelity_fixed_vs_asha": modes} if modes else {}),
@@ -80,25 +100,46 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
 def compare_fidelity(search, minutes: float, reference: str, data: str, results: Path) -> dict:
     """``--fidelity fixed`` against ``asha``, ``minutes`` of search each (same seed): designs
     evaluated, and the reference-schedule test WER of each one's best complete design."""
+    from nas.config import ArchConfig
     from nas.data.corpus import resolve_data
     from nas.schedule import load_schedule
     from nas.train import train
 
     out = {}
     for fidelity in ("fixed", "asha"):
-        done = search(f"{fidelity}-{minutes:g}min", trials=100_000, fidelity=fidelity, seed=0,
-                      time_budget_s=minutes * 60)
-        complete = [r for r in done if r.state == "complete"]
-        best = min(complete, key=lambda r: next(iter(r.values.values())), default=None)
-        row = {"designs_evaluated": sum(r.state in ("complete", "pruned") for r in done),
-               "complete": len(complete), "stopped_at_a_rung": sum(r.state == "pruned" for r in done)}
-        if best is not None:
-            m = train(best.arch, load_schedule(reference), resolve_data(data), results / f"reference-{fidelity}",
-                      progress=False)
+        def timed(study=f"{fidelity}-{minutes:g}min", fidelity=fidelity) -> dict:
+            done = search(study, trials=100_000, fidelity=fidelity, seed=0, time_budget_s=minutes * 60)
+            complete = [r for r in done if r.state == "complete"]
+            best = min(complete, key=lambda r: next(iter(r.values.values())), default=None)
+            return {"designs_evaluated": sum(r.state in ("complete", "pruned") for r in done),
+                    "complete": len(complete), "stopped_at_a_rung": sum(r.state == "pruned" for r in done),
+                    **({"best_trial": best.number, "best_bytes": best.bytes,
+                        "best_arch": best.arch.model_dump(mode="json")} if best else {})}
+        row = _once(results / f"{fidelity}-{minutes:g}min", timed)
+        if "best_arch" in row:
+            arch = ArchConfig.from_dict(row.pop("best_arch"))
+            run = results / f"reference-{fidelity}"  # a finished run is read back, a cut one resumes
+            m = _read(run / "metrics.json") or train(arch, load_schedule(reference), resolve_data(data), run,
+                                                     progress=False)
             test = m["test"]
-            row |= {"best_trial": best.number, "best_bytes": best.bytes, "reference": reference,
-                    "best_reference_test_wer": round(test.get("beam_wer", test["wer"]), 4)}
+            row |= {"reference": reference, "best_reference_test_wer": round(test.get("beam_wer", test["wer"]), 4)}
         out[fidelity] = row
     fixed, asha = out["fixed"]["designs_evaluated"], out["asha"]["designs_evaluated"]
     out["asha_designs_per_fixed_design"] = round(asha / fixed, 2) if fixed else None
     return out
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _once(study_dir: Path, measure):
+    """A timed part of the benchmark: its figure as measured before, or measured now from a clean
+    start (a part cut short left a study that its clock no longer covers)."""
+    done = study_dir.with_name(study_dir.name + ".json")
+    if (figure := _read(done)) is not None:
+        return figure
+    shutil.rmtree(study_dir, ignore_errors=True)
+    figure = measure()
+    atomic_write(done, json.dumps(figure) + "\n")
+    return figure
