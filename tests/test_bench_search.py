@@ -12,24 +12,23 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
     args = dict(trials=2, seeds=1, space="tiny.yaml", budget="60K", proxy="tiny", data=f"manifest:{tiny_corpus_dir}",
                 parallel_trials=2, objective="cer", fidelity_minutes=0.5, reference="tiny", results=tmp_path / "b")
     first = bench_search(**args)
+    (out,) = (tmp_path / "b").iterdir()  # this run's settings' own directory
     assert len(first["hypervolume_tpe"]) == len(first["hypervolume_random"]) == 2
     modes = first["fidelity_fixed_vs_asha"]
     for mode in ("fixed", "asha"):
         assert modes[mode]["designs_evaluated"] >= 1
         assert "best_arch" not in modes[mode]  # kept on disk for a resumed sitting, not in the figures
         if modes[mode]["complete"]:
-            assert 0 <= modes[mode]["best_reference_test_wer"] and (tmp_path / "b" / f"reference-{mode}" /
-                                                                    "metrics.json").is_file()
-    studies = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "b").glob("*/study.db")}
+            assert 0 <= modes[mode]["best_reference_test_wer"] and (out / f"reference-{mode}" / "metrics.json").is_file()
+    studies = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/study.db")}
 
     # A second sitting: the timed parts are read back (their studies untouched), the sampler
     # studies are complete, so every figure is the same.
     again = bench_search(**args)
     assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
     timed = [n for n in studies if n.startswith(("parallel", "fixed", "asha"))]
-    assert timed and all((tmp_path / "b" / n / "study.db").stat().st_mtime_ns == studies[n] for n in timed)
+    assert timed and all((out / n / "study.db").stat().st_mtime_ns == studies[n] for n in timed)
 
-    # Other settings start the benchmark over.
-    (tmp_path / "b" / "tpe-0.json").write_text("{}")  # a stray file of the old sitting
+    # Other settings measure into a directory of their own: nothing measured before is lost.
     bench_search(**args | {"trials": 1, "fidelity_minutes": 0})
-    assert not (tmp_path / "b" / "tpe-0.json").exists() and not (tmp_path / "b" / "fixed-0.5min").exists()
+    assert len(list((tmp_path / "b").iterdir())) == 2 and (out / "fixed-0.5min.json").is_file()

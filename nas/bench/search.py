@@ -3,6 +3,7 @@ successive halving against fixed proxies at equal wall time."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import statistics
@@ -31,8 +32,8 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
 
     It takes hours at the default size, so it resumes: run it again with the same arguments and
     the sampler studies continue where they stopped (Optuna storage), a timed part that finished
-    is read back, and one cut short starts over (its minutes must be whole). Other arguments, or a
-    changed proxy or reference recipe, start the benchmark over."""
+    is read back, and one cut short starts over (its clock must cover it whole). Other arguments, or
+    a changed proxy or reference recipe, measure into a directory of their own under ``results``."""
     from nas.budget import parse_budget
     from nas.pareto import hypervolume_curve, reference_point
     from nas.schedule import load_schedule
@@ -46,12 +47,12 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
              "seeds": seeds, "parallel_trials": parallel_trials, "fidelity_minutes": fidelity_minutes,
              "proxy": load_schedule(proxy).model_dump(mode="json"),
              "reference": load_schedule(reference).model_dump(mode="json") if fidelity_minutes else None}
-    if _read(results / "settings.json") != stamp:  # figures of other settings must not mix in
-        if results.exists():
-            print(f"  {results}: other settings before; starting over", flush=True)
-        shutil.rmtree(results, ignore_errors=True)
-        results.mkdir(parents=True)
-        atomic_write(results / "settings.json", json.dumps(stamp, indent=2) + "\n")
+    # Each set of settings measures into a directory of its own, so figures of other settings never
+    # mix in and hours already measured under them are never deleted.
+    digest = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:8]
+    results = results / f"{Path(space).stem}-{budget}-{objective}-{digest}"
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write(results / "settings.json", json.dumps(stamp, indent=2) + "\n")
 
     def search(study: str, **kw) -> list:
         settings = SearchSettings(space=sp, budget=b, study=study, data=data, proxy=proxy, results=results,
