@@ -141,10 +141,11 @@ def _build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--out", type=Path, required=True, help="where <subset>.jsonl go")
     dl.set_defaults(run=_data_librispeech)
 
+    schedules = _schedule_names()
     t = sub.add_parser("train", help="train and evaluate one design (the trainer)")
     t.add_argument("arch", type=Path, help="ArchConfig JSON (an export's arch.json works too)")
     t.add_argument("--schedule", default="proxy",
-                   help=f"a named schedule ({_schedule_names()}) or a YAML file (default proxy)")
+                   help=f"a named schedule ({schedules}) or a YAML file (default proxy)")
     t.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -182,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
     rt.add_argument("study")
     rt.add_argument("--top", type=_positive, default=3, help="designs spread along the front (baselines are added)")
     rt.add_argument("--schedule", default="full",
-                    help=f"a named schedule ({_schedule_names()}) or a YAML file (default full)")
+                    help=f"a named schedule ({schedules}) or a YAML file (default full)")
     rt.add_argument("--workers", type=_positive, default=2)
     rt.add_argument("--cpus-per-trial", type=_positive, default=1)
     rt.add_argument("--gpus-per-trial", type=_fraction, default=0, help="GPUs each trial asks Ray for (default 0)")

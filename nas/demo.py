@@ -34,7 +34,7 @@ SCALES = {
     # 16 proxy trials of the 300K demo space, then 2 front designs and the 2 baselines retrained, the
     # best searched design and the baselines with 3 seeds, all within 45 minutes on 2 cores.
     "demo": Scale("demo.yaml", "300K", 16, "proxy", "demo", 2, 3, "synth"),
-    # a couple of minutes: the same pipeline on the tiny space, for CI.
+    # about a minute: the same pipeline on the tiny space, for CI.
     "ci": Scale("tiny.yaml", "60K", 4, "tiny", "tiny", 2, 2, "synth:0.05"),
 }
 

@@ -247,7 +247,7 @@ def choose_for_export(study: optuna.Study, out: Path, design: int | None, best_u
     retrained = row is not None and row["full_dev_wer"] is not None
     provenance = {
         "study": study.study_name, "trial": rec.number, "label": rec.label,
-        "proxy_signal": next(iter(rec.values), None), "proxy_value": next(iter(rec.values.values()), None),
+        **dict(zip(("proxy_signal", "proxy_value"), rec.proxy)),
         "full_dev_wer": row["full_dev_wer"] if retrained else None,
         "full_test_wer": row["full_test_wer"] if retrained else None,
         "weights": f"{row['schedule']} schedule" if retrained else f"{settings.get('proxy')} schedule (not retrained)",

@@ -35,7 +35,7 @@ def pick_spread(recs: list[TrialRecord], k: int) -> list[TrialRecord]:
     if len(recs) <= k:
         return list(recs)
     xs = [float(r.bytes) for r in recs]
-    ys = [next(iter(r.values.values())) for r in recs]
+    ys = [r.proxy[1] for r in recs]
     span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     pts = [((x - min(xs)) / span_x, (y - min(ys)) / span_y) for x, y in zip(xs, ys)]
     # The front runs from (0, high signal) to (1, low signal); the knee lies farthest below that line.
@@ -122,8 +122,7 @@ def _row(r: TrialRecord, job: Job, schedule: str) -> dict:
 
     return {
         "number": r.number, "label": r.label, "seed": job.schedule.seed,
-        # the search's first objective (the proxy signal: cer, wer, loss or train_loss) and its value
-        "proxy_signal": next(iter(r.values), None), "proxy_value": next(iter(r.values.values()), None),
+        **dict(zip(("proxy_signal", "proxy_value"), r.proxy)),
         "full_dev_wer": wer("dev", "wer"), "full_test_wer": wer("test", "wer"), "full_test_cer": wer("test", "cer"),
         "full_test_wer_greedy": m["test"]["wer"] if m else None, "full_test_cer_greedy": m["test"]["cer"] if m else None,
         "decoding": None if m is None else ("beam + lexicon + LM" if "beam_wer" in m["test"] else "greedy"),

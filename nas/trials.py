@@ -89,6 +89,11 @@ class TrialRecord:
     def name(self) -> str:
         return f"#{self.number}" + (f" ({self.label})" if self.label else "")
 
+    @property
+    def proxy(self) -> tuple[str | None, float | None]:
+        """The search's first objective, its proxy signal (cer, wer, loss or train_loss), and its value."""
+        return next(iter(self.values.items()), (None, None))
+
 
 def record(t: FrozenTrial, objectives: tuple[str, ...], retried: set[int] = frozenset()) -> TrialRecord:
     a = t.user_attrs

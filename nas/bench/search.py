@@ -111,7 +111,7 @@ def compare_fidelity(search, minutes: float, reference: str, data: str, results:
         def timed(study=f"{fidelity}-{minutes:g}min", fidelity=fidelity) -> dict:
             done = search(study, trials=100_000, fidelity=fidelity, seed=0, time_budget_s=minutes * 60)
             complete = [r for r in done if r.state == "complete"]
-            best = min(complete, key=lambda r: next(iter(r.values.values())), default=None)
+            best = min(complete, key=lambda r: r.proxy[1], default=None)
             return {"designs_evaluated": sum(r.state in ("complete", "pruned") for r in done),
                     "complete": len(complete), "stopped_at_a_rung": sum(r.state == "pruned" for r in done),
                     **({"best_trial": best.number, "best_bytes": best.bytes,
