@@ -95,11 +95,13 @@ def test_pool_workers_exit_when_the_benchmark_is_killed(tmp_path):
     raise AssertionError(f"worker {worker} outlived its killed driver")
 
 
-def test_bench_md_shows_a_list_of_records_as_a_table_of_its_own():
+def test_bench_md_shows_a_list_of_records_as_a_table_of_its_own_and_a_record_as_named_rows():
     from nas.bench import _markdown
 
     md = _markdown({"fidelity": {"setup": "3 designs", "table": [{"signal": "loss", "kendall_tau": 0.6},
-                                                                 {"signal": "cer", "kendall_tau": 0.2}]}})
+                                                                 {"signal": "cer", "kendall_tau": 0.2}],
+                                 "best": {"signal": "loss", "by": {"kendall_tau": 0.6}}}})
     assert "| setup | 3 designs |" in md
     assert "| signal | kendall_tau |\n| --- | --- |\n| loss | 0.6 |\n| cer | 0.2 |" in md
-    assert "[{" not in md
+    assert "| best.signal | loss |\n| best.by.kendall_tau | 0.6 |" in md
+    assert "[{" not in md and "{'" not in md

@@ -60,7 +60,7 @@ def _markdown(results: dict) -> str:
     for name, figures in results.items():
         tables = {k: v for k, v in figures.items() if _is_table(v)}
         lines += [f"## {name}", "", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v} |" for k, v in figures.items() if k not in tables]
+        lines += [f"| {k} | {v} |" for k, v in _flat({k: v for k, v in figures.items() if k not in tables})]
         lines.append("")
         for key, rows in tables.items():  # a list of records reads as a table of its own
             columns = list(dict.fromkeys(c for row in rows for c in row))
@@ -68,6 +68,15 @@ def _markdown(results: dict) -> str:
             lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
             lines.append("")
     return "\n".join(lines)
+
+
+def _flat(figures: dict, prefix: str = ""):
+    """(name, value) pairs, a nested record's figures named ``record.figure``: one row each."""
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _is_table(value) -> bool:
