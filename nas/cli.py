@@ -94,6 +94,8 @@ def _log_file(directory: Path) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from nas.study import DEFAULT_OBJECTIVES, SIGNALS
+
     p = _Parser(prog="nas", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(parser_class=_Parser)
 
@@ -112,7 +114,8 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", default="1M", help="search: the budget (default 1M)")
     b.add_argument("--proxy", default="proxy", help="search, fidelity: the proxy schedule (default proxy)")
     b.add_argument("--data", default="synth", help="search, fidelity: the corpus (default synth)")
-    b.add_argument("--objective", default="cer", help="search: the proxy signal (default cer)")
+    b.add_argument("--objective", default=DEFAULT_OBJECTIVES[0],
+                   help=f"search: the proxy signal (default {DEFAULT_OBJECTIVES[0]})")
     b.add_argument("--fidelity-minutes", type=float, default=0,
                    help="search: also compare --fidelity fixed and asha, this many minutes each (default: skip)")
     b.add_argument("--reference", default="full", help="search: the schedule that retrains each mode's best design; "
@@ -165,9 +168,9 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     se.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     se.add_argument("--proxy", default="proxy", help="the proxy schedule: a name or a YAML file")
-    se.add_argument("--objectives", default="cer,bytes",
-                    help="a proxy signal (cer, wer, loss, train_loss), bytes, optionally macs, rtf, memory "
-                         "(default cer,bytes)")
+    se.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
+                    help=f"a proxy signal ({', '.join(SIGNALS)}), bytes, optionally macs, rtf, memory "
+                         f"(default {','.join(DEFAULT_OBJECTIVES)}: the signal nas bench fidelity ranked best)")
     se.add_argument("--fidelity", default="fixed", choices=["fixed", "asha"],
                     help="fixed: every design trains the proxy; asha: successive halving over rungs")
     se.add_argument("--rungs", default="1,3,9", help="asha: rungs as multiples of the proxy's steps (default 1,3,9)")

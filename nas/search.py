@@ -30,7 +30,7 @@ from nas.errors import UserError
 from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
-    DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
+    DEFAULT_OBJECTIVES, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
 )
 from nas.trials import records, tally
 from nas.workers import Job, check_reachable, init_ray, prepare_data, run_dir, run_on_ray
@@ -53,11 +53,7 @@ class SearchSettings:
     address: str | None = None
     data: str = "synth"
     proxy: str = "proxy"
-    # Dev CER: after the proxy's 300 steps every design's dev WER is still about 100% (words are
-    # misspelled), so WER would rank designs by size alone; CER separates them (the demo's search,
-    # results/demo/trials.csv: WER 0.96-1.21, CER 0.45-0.77). nas bench fidelity measures which
-    # signal ranks best.
-    objectives: tuple[str, ...] = ("cer", "bytes")
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # chosen by nas bench fidelity (see nas.study)
     fidelity: str = "fixed"  # "fixed": every design trains the proxy; "asha": successive halving
     rungs: Rungs = Rungs()
     enqueue: list[Path] = field(default_factory=list)

@@ -162,7 +162,7 @@ def damaged_designs(draw):
     return doc, ".".join(path)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(damaged_designs())
 def test_generated_damaged_designs_name_file_and_field(tmp_path, capsys, damaged):
     doc, field = damaged
@@ -182,7 +182,7 @@ def bad_budgets(draw):
     return draw(st.sampled_from([f"{number}{unit}@{dtype}", f"{number}{unit}", f"{number}MB@{dtype}"]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(bad_budgets())
 def test_generated_bad_budgets_are_refused_in_files_and_options(tmp_path, capsys, budget):
     line = refused(capsys, search(space_file(tmp_path, budget=budget)))
@@ -396,7 +396,7 @@ def damaged(draw, real: bytes, flips: bool = True):
     return real[:at] + bytes([draw(st.integers(0, 255))]) + real[at + 1:]
 
 
-FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("kind", ["space", "design", "schedule"])

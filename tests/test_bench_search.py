@@ -20,6 +20,10 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
         assert "best_arch" not in modes[mode]  # kept on disk for a resumed sitting, not in the figures
         if modes[mode]["complete"]:
             assert 0 <= modes[mode]["best_reference_test_wer"] and (out / f"reference-{mode}" / "metrics.json").is_file()
+    # The fixed proxy trains every design as long as halving's last rung (tiny's steps, 9x).
+    from nas.schedule import load_schedule
+    fixed = load_schedule(str(out / "tiny-x9.yaml"))
+    assert fixed.steps == 9 * load_schedule("tiny").steps
     studies = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/study.db")}
 
     # A second sitting: the timed parts are read back (their studies untouched), the sampler

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 from nas.files import atomic_write
+from nas.study import DEFAULT_OBJECTIVES
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", budget: str = "1M",
-                 proxy: str = "proxy", data: str = "synth", parallel_trials: int = 4, objective: str = "cer",
+                 proxy: str = "proxy", data: str = "synth", parallel_trials: int = 4, objective: str = DEFAULT_OBJECTIVES[0],
                  fidelity_minutes: float = 0, reference: str = "full",
                  results: Path = Path("results/bench-search")) -> dict:
     """The default sampler (TPE) against random sampling on the same space, budget and proxy, over
@@ -26,9 +27,10 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     share of a trial's wall time that is Ray and Optuna overhead: from Optuna's ask to its tell,
     everything outside the trainer (worker start, imports, scheduling, storage).
 
-    With ``fidelity_minutes``, also ``--fidelity fixed`` against ``--fidelity asha`` (seed 0), each
-    searching for that long: the designs each evaluated (complete, or stopped at a rung), and the
-    ``reference`` schedule's test WER of each one's best complete design.
+    With ``fidelity_minutes``, also ``--fidelity asha`` against a fixed proxy as long as its last
+    rung (seed 0), each searching for that long: the designs each evaluated (complete, or stopped
+    at a rung), and the ``reference`` schedule's test WER of each one's best complete design
+    (:func:`compare_fidelity`).
 
     It takes hours at the default size, so it resumes: run it again with the same arguments and
     the sampler studies continue where they stopped (Optuna storage), a timed part that finished
@@ -45,6 +47,7 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     results = Path(results)
     stamp = {"space": space, "budget": budget, "data": data, "objective": objective, "trials": trials,
              "seeds": seeds, "parallel_trials": parallel_trials, "fidelity_minutes": fidelity_minutes,
+             "fixed_proxy": "as long as the last rung" if fidelity_minutes else None,
              "proxy": load_schedule(proxy).model_dump(mode="json"),
              "reference": load_schedule(reference).model_dump(mode="json") if fidelity_minutes else None}
     # Each set of settings measures into a directory of its own, so figures of other settings never
@@ -55,8 +58,8 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     atomic_write(results / "settings.json", json.dumps(stamp, indent=2) + "\n")
 
     def search(study: str, **kw) -> list:
-        settings = SearchSettings(space=sp, budget=b, study=study, data=data, proxy=proxy, results=results,
-                                  baselines=False, objectives=(objective, "bytes"), **kw)
+        settings = SearchSettings(**{"space": sp, "budget": b, "study": study, "data": data, "proxy": proxy,
+                                     "results": results, "baselines": False, "objectives": (objective, "bytes")} | kw)
         return records(run_search(settings))
 
     studies: dict[str, list[list]] = {"tpe": [], "random": []}
@@ -80,7 +83,7 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
             search(study, trials=parallel_trials, workers=workers, cpus_per_trial=cpus, seed=0)
             return parallel_trials / ((time.perf_counter() - t0) / 3600)
         rates[f"{workers}x{cpus}"] = _once(results / f"parallel-{workers}x{cpus}", timed)
-    modes = compare_fidelity(search, fidelity_minutes, reference, data, results) if fidelity_minutes else None
+    modes = compare_fidelity(search, proxy, fidelity_minutes, reference, data, results) if fidelity_minutes else None
     return {
         **({"fidelity_fixed_vs_asha": modes} if modes else {}),
         "setup": f"{space} at {budget}, proxy {proxy}, data {data}; hypervolume of ({objective}, bytes) as a share "
@@ -98,18 +101,32 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     }
 
 
-def compare_fidelity(search, minutes: float, reference: str, data: str, results: Path) -> dict:
-    """``--fidelity fixed`` against ``asha``, ``minutes`` of search each (same seed): designs
-    evaluated, and the reference-schedule test WER of each one's best complete design."""
+def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: str, results: Path) -> dict:
+    """``--fidelity asha`` against a fixed proxy as long as its last rung, ``minutes`` of search
+    each (same seed): designs evaluated, and the reference-schedule test WER of each one's best
+    complete design.
+
+    The fixed proxy trains every design as far as successive halving trains the designs it keeps
+    (the proxy stretched to the last rung, the same schedule), so both rank their complete designs
+    by the same signal, and what is compared is what halving is for: stopping the designs that
+    are behind at a lower rung, to evaluate more designs in the same time without choosing a worse
+    one. (A fixed proxy as short as the first rung would be the first rung without the others.)"""
+    import yaml
+
     from nas.config import ArchConfig
     from nas.data.corpus import resolve_data
-    from nas.schedule import load_schedule
+    from nas.schedule import Rungs, load_schedule
     from nas.train import train
 
+    base, rungs = load_schedule(proxy), Rungs()  # the search's default rungs
+    top = rungs.schedule(base).model_copy(update={"name": f"{base.name}-x{rungs.multiples[-1]}"})
+    top_file = results / f"{top.name}.yaml"
+    atomic_write(top_file, yaml.safe_dump(top.model_dump(mode="json"), sort_keys=False))
     out = {}
     for fidelity in ("fixed", "asha"):
         def timed(study=f"{fidelity}-{minutes:g}min", fidelity=fidelity) -> dict:
-            done = search(study, trials=100_000, fidelity=fidelity, seed=0, time_budget_s=minutes * 60)
+            fixed = {"proxy": str(top_file.resolve())} if fidelity == "fixed" else {}
+            done = search(study, trials=100_000, fidelity=fidelity, seed=0, time_budget_s=minutes * 60, **fixed)
             complete = [r for r in done if r.state == "complete"]
             best = min(complete, key=lambda r: r.proxy[1], default=None)
             return {"designs_evaluated": sum(r.state in ("complete", "pruned") for r in done),
