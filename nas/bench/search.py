@@ -35,7 +35,9 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     It takes hours at the default size, so it resumes: run it again with the same arguments and
     the sampler studies continue where they stopped (Optuna storage), a timed part that finished
     is read back, and one cut short starts over (its clock must cover it whole). Other arguments, or
-    a changed proxy or reference recipe, measure into a directory of their own under ``results``."""
+    a changed proxy or reference recipe, measure into a directory of their own under ``results``.
+    The two timed searches of ``fidelity_minutes`` run first, so that a sitting of a little over
+    twice that finishes both; everything after them resumes from any point."""
     from nas.budget import parse_budget
     from nas.pareto import hypervolume_curve, reference_point
     from nas.schedule import load_schedule
@@ -62,6 +64,8 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
                                      "results": results, "baselines": False, "objectives": (objective, "bytes")} | kw)
         return records(run_search(settings))
 
+    # The two timed hours go first: each must run whole within one sitting, and the rest resumes anywhere.
+    modes = compare_fidelity(search, proxy, fidelity_minutes, reference, data, results) if fidelity_minutes else None
     studies: dict[str, list[list]] = {"tpe": [], "random": []}
     overhead, waste = [], {"tpe": [], "random": []}
     for seed in range(seeds):
@@ -83,7 +87,6 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
             search(study, trials=parallel_trials, workers=workers, cpus_per_trial=cpus, seed=0)
             return parallel_trials / ((time.perf_counter() - t0) / 3600)
         rates[f"{workers}x{cpus}"] = _once(results / f"parallel-{workers}x{cpus}", timed)
-    modes = compare_fidelity(search, proxy, fidelity_minutes, reference, data, results) if fidelity_minutes else None
     return {
         **({"fidelity_fixed_vs_asha": modes} if modes else {}),
         "setup": f"{space} at {budget}, proxy {proxy}, data {data}; hypervolume of ({objective}, bytes) as a share "
@@ -133,7 +136,9 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
                     "complete": len(complete), "stopped_at_a_rung": sum(r.state == "pruned" for r in done),
                     **({"best_trial": best.number, "best_bytes": best.bytes,
                         "best_arch": best.arch.model_dump(mode="json")} if best else {})}
-        row = _once(results / f"{fidelity}-{minutes:g}min", timed)
+        out[fidelity] = _once(results / f"{fidelity}-{minutes:g}min", timed)
+    # Both timed parts before either retrain, so the hours that must not be cut come first.
+    for fidelity, row in out.items():
         if "best_arch" in row:
             arch = ArchConfig.from_dict(row.pop("best_arch"))
             run = results / f"reference-{fidelity}"  # a finished run is read back, a cut one resumes
@@ -141,7 +146,6 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
                                                      progress=False)
             test = m["test"]
             row |= {"reference": reference, "best_reference_test_wer": round(test.get("beam_wer", test["wer"]), 4)}
-        out[fidelity] = row
     fixed, asha = out["fixed"]["designs_evaluated"], out["asha"]["designs_evaluated"]
     out["asha_designs_per_fixed_design"] = round(asha / fixed, 2) if fixed else None
     return out
