@@ -21,7 +21,13 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
         assert modes[mode]["designs_evaluated"] >= 1
         assert "best_arch" not in modes[mode]  # kept on disk for a resumed sitting, not in the figures
         if modes[mode]["complete"]:
-            assert 0 <= modes[mode]["best_reference_test_wer"] and (out / f"reference-{mode}" / "metrics.json").is_file()
+            assert 0 <= modes[mode]["best_reference_test_wer"] and (out / modes[mode]["reference_run"] / "metrics.json").is_file()
+    # A design that both modes chose is retrained once; distinct designs each get a run.
+    chosen = {m: json.loads((out / f"{m}-1.5min.json").read_text()).get("best_arch") for m in ("fixed", "asha")}
+    if chosen["fixed"] and chosen["asha"]:
+        same = chosen["fixed"] == chosen["asha"]
+        assert modes["asha"]["reference_run"] == ("reference-fixed" if same else "reference-asha")
+        assert (out / "reference-asha").exists() != same
     # The fixed proxy trains every design as long as halving's last rung (tiny's steps, 9x).
     from nas.schedule import load_schedule
     fixed = load_schedule(str(out / "tiny-x9.yaml"))

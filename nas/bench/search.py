@@ -138,14 +138,16 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
                         "best_arch": best.arch.model_dump(mode="json")} if best else {})}
         out[fidelity] = _once(results / f"{fidelity}-{minutes:g}min", timed)
     # Both timed parts before either retrain, so the hours that must not be cut come first.
+    runs: dict[str, Path] = {}  # one retrain per distinct design: both modes may choose the same one
     for fidelity, row in out.items():
         if "best_arch" in row:
             arch = ArchConfig.from_dict(row.pop("best_arch"))
-            run = results / f"reference-{fidelity}"  # a finished run is read back, a cut one resumes
+            # a finished run is read back, a cut one resumes
+            run = runs.setdefault(json.dumps(arch.model_dump(mode="json"), sort_keys=True), results / f"reference-{fidelity}")
             m = _read(run / "metrics.json") or train(arch, load_schedule(reference), resolve_data(data), run,
                                                      progress=False)
             test = m["test"]
-            row |= {"reference": reference, "best_reference_test_wer": round(test.get("beam_wer", test["wer"]), 4)}
+            row |= {"reference": reference, "reference_run": run.name, "best_reference_test_wer": round(test.get("beam_wer", test["wer"]), 4)}
     fixed, asha = out["fixed"]["designs_evaluated"], out["asha"]["designs_evaluated"]
     out["asha_designs_per_fixed_design"] = round(asha / fixed, 2) if fixed else None
     return out
