@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +92,7 @@ class BudgetSearcher(Searcher):
         self.live: dict[str, optuna.Trial] = {}
         self.schedule = settings.trial_schedule()
         self._study_id = storage.get_study_id_from_name(study.study_name)
+        self._stopped = threading.Event()
         threading.Thread(target=self._beat_forever, daemon=True).start()
 
     def suggest(self, trial_id: str):
@@ -177,9 +177,15 @@ class BudgetSearcher(Searcher):
                 log.debug("heartbeat failed", exc_info=True)
 
     def _beat_forever(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             self._beat(list(self.live.values()))
-            time.sleep(HEARTBEAT_S)
+            self._stopped.wait(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        """Stop the heartbeats once the search returns. A trial still live then (one that Ray
+        stopped at the time budget before it reported) would otherwise be kept from going stale,
+        and its study written to, for as long as this process lives."""
+        self._stopped.set()
 
 
 # ---- the driver -----------------------------------------------------------------------------
@@ -220,9 +226,12 @@ def run_search(s: SearchSettings) -> optuna.Study:
 
     searcher = BudgetSearcher(study, storage, BudgetGate(study, s.space, s.budget), s, corpus, on_finish)
     scheduler = RungScheduler(searcher, load_schedule(s.proxy), s.rungs) if s.fidelity == "asha" else None
-    if t.done < s.trials:
-        run_on_ray(s.out, s.study, s.workers, s.cpus_per_trial, searcher=searcher, scheduler=scheduler,
-                   time_budget_s=s.time_budget_s, gpus_per_trial=s.gpus_per_trial)
+    try:
+        if t.done < s.trials:
+            run_on_ray(s.out, s.study, s.workers, s.cpus_per_trial, searcher=searcher, scheduler=scheduler,
+                       time_budget_s=s.time_budget_s, gpus_per_trial=s.gpus_per_trial)
+    finally:
+        searcher.stop()
     bar.close()
     pareto.write_outputs(study, s.out)
     t = tally(records(study))
