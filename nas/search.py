@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,8 @@ class BudgetSearcher(Searcher):
         trial = self.live.get(trial_id)
         # Intermediate points only: the final report and a failed trial's report are told at the end.
         if trial is not None and "step" in result and "error" not in result and not result.get("final"):
-            self.record_point(trial, result)
+            with _taken_over(trial):
+                self.record_point(trial, result)
 
     def record_point(self, trial: optuna.Trial, result: dict) -> None:
         """Add an evaluation point to the trial's ``curve`` (once per step: the rung scheduler may
@@ -129,6 +131,11 @@ class BudgetSearcher(Searcher):
         trial = self.live.pop(trial_id, None)
         if trial is None:
             return
+        with _taken_over(trial):
+            self._tell(trial, result, error)
+        self.on_finish(trial.number)
+
+    def _tell(self, trial: optuna.Trial, result: dict | None, error: bool) -> None:
         if not error and result and "stopped" in trial.user_attrs.get("rungs", {}).values():
             # Stopped by successive halving at a rung: PRUNED, never COMPLETE, so the sampler does not
             # take a half-trained score for a final one; its points stay in its curve.
@@ -152,7 +159,6 @@ class BudgetSearcher(Searcher):
                 self.study.tell(trial, state=TrialState.FAIL)
             else:
                 self.study.tell(trial, values)
-        self.on_finish(trial.number)
 
     # The search's state lives in Optuna storage; re-running the command is how a search resumes.
     # Tune pickles its search algorithm for Tuner.restore, which we do not use: keep nothing.
@@ -186,6 +192,18 @@ class BudgetSearcher(Searcher):
         stopped at the time budget before it reported) would otherwise be kept from going stale,
         and its study written to, for as long as this process lives."""
         self._stopped.set()
+
+
+@contextmanager
+def _taken_over(trial: optuna.Trial):
+    """A driver whose heartbeats came late (a loaded machine) may find that another driver has
+    failed its trial as stale, to retry it. This driver's late result for it is then dropped with a
+    warning, rather than stopping the driver."""
+    try:
+        yield
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning("trial %d was failed as stale by another driver, which retries it; this result is dropped",
+                    trial.number)
 
 
 # ---- the driver -----------------------------------------------------------------------------

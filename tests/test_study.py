@@ -106,3 +106,30 @@ def test_an_impossible_budget_is_found_before_training(tmp_path):
 def test_an_unreachable_storage_is_one_clear_error():
     with pytest.raises(UserError, match=r"^error: --storage: cannot open postgresql://\*\*\*@127.0.0.1:1/x"):
         open_storage("postgresql://u:p@127.0.0.1:1/x")
+
+
+def test_a_result_for_a_trial_another_driver_failed_as_stale_is_dropped_and_the_driver_goes_on(tmp_path):
+    """Two drivers share a study; on a loaded machine one driver's heartbeats come late, and the
+    other fails its trial as stale and retries it. The late driver's points and its final result
+    for that trial are then dropped with a warning, and the trial stays as the other driver left it."""
+    from nas.search import BudgetSearcher, SearchSettings
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = open_study("s", storage, ("wer", "bytes"), "tpe", 0, SETTINGS)
+    finished = []
+    settings = SearchSettings(space=PAPER, budget=parse_budget("1M"), results=tmp_path)
+    searcher = BudgetSearcher(study, storage, None, settings, None, finished.append)  # suggest is not used
+    try:
+        trial = study.ask()
+        searcher.live["late"] = trial
+        other = optuna.load_study(study_name="s", storage=storage)  # the other driver's handle
+        other.tell(trial.number, state=TrialState.FAIL)  # as fail_stale_trials does
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # what the driver met before
+            trial.set_user_attr("curve", [])
+        searcher.on_trial_result("late", {"step": 100, "wer": 0.9})
+        searcher.on_trial_complete("late", {"step": 300, "final": True, "wer": 0.8, "train_seconds": 1.0})
+    finally:
+        searcher.stop()
+    assert finished == [trial.number]  # its line is still printed: it shows the trial as failed
+    (t,) = study.get_trials()
+    assert t.state == TrialState.FAIL and "curve" not in t.user_attrs
