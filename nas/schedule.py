@@ -89,7 +89,7 @@ def load_schedule(name_or_path: str | Path) -> Schedule:
 
 @dataclass(frozen=True)
 class Rungs:
-    """Rungs at ``multiples`` of the base proxy's steps, and the share ``1/eta`` that may dominate."""
+    """Rungs at ``multiples`` of the base proxy's steps, and the share ``1/eta`` of a rung that goes on."""
 
     multiples: tuple[int, ...] = (1, 3, 9)
     eta: int = 3

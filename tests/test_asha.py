@@ -12,22 +12,34 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from nas.asha import promoted
+from nas.asha import moasha_order, promoted
 from nas.budget import parse_budget
 from nas.schedule import Rungs, load_schedule
 from nas.trials import records, tally
 from searches import FAST_HEARTBEAT, assert_nothing_over_budget_was_trained, load, nas_search, run, trial_lines
 
 
-def test_a_design_goes_on_unless_more_than_a_1_over_eta_share_of_its_rung_dominates_it():
+def test_a_design_goes_on_only_within_the_first_1_over_eta_share_of_its_rung_in_moasha_order():
     rung = [(0.5, 100.0), (0.6, 90.0), (0.7, 80.0), (0.4, 300.0), (0.9, 400.0)]  # (signal, bytes)
-    # 6 designs at the rung with it: with eta 3 at most 2 may dominate it.
-    assert promoted((0.8, 95.0), rung, eta=3)  # dominated by (0.6, 90) and (0.7, 80) only
-    assert not promoted((0.8, 110.0), rung, eta=3)  # and by (0.5, 100) too: 3 of 6
+    # 6 designs at the rung with the new one: with eta 3 it goes on if at most 2 come before it.
+    # (0.8, 95) is dominated by two designs only, but it is on the second front and the first front
+    # holds four: stopped (counting its dominators alone would have kept it).
+    assert moasha_order([*rung, (0.8, 95.0)]) == [3, 2, 0, 1, 5, 4]
+    assert not promoted((0.8, 95.0), rung, eta=3)
+    assert promoted((0.1, 999.0), rung, eta=3)  # the best signal comes first
+    assert promoted((0.65, 50.0), rung, eta=3)  # the smallest: farthest from the best signal
     assert not promoted((0.8, 500.0), rung, eta=3)  # dominated by all five
-    assert promoted((0.1, 999.0), rung, eta=3)  # on the front: nobody dominates it
     assert promoted((0.9, 400.0), [], eta=3)  # the first at a rung goes on
-    assert not promoted((0.9, 400.0), [(0.5, 100.0)], eta=3)  # 1 of 2 dominates it: more than a third
+    assert not promoted((0.9, 400.0), [(0.5, 100.0)], eta=3)  # second of 2: more than a third
+
+
+def test_within_a_front_the_order_spreads_over_it_rather_than_taking_a_crowd():
+    crowd = [(0.30, 900.0), (0.31, 880.0), (0.32, 860.0), (0.33, 840.0), (0.34, 820.0)]  # one front
+    assert promoted((0.9, 100.0), crowd, eta=3)  # on the front, far from the crowd: second
+    assert moasha_order([*crowd, (0.9, 100.0)])[:2] == [0, 5]
+    assert not promoted((0.335, 830.0), crowd, eta=3)  # on the front too, but inside the crowd: last
+    assert moasha_order([*crowd, (0.335, 830.0)])[-1] == 5
+    assert moasha_order([(1.0, 3.0), (1.0, 2.0), (1.0, 1.0)]) == [2, 1, 0]  # a tied signal: bytes decide
 
 
 def test_the_stretched_proxy_evaluates_at_every_rung():
@@ -39,7 +51,8 @@ def test_the_stretched_proxy_evaluates_at_every_rung():
 
 
 # At the tiny schedule every design's dev WER is still 100% at the rungs, so bytes decide: with eta 10
-# a design goes on only if nobody at its rung dominates it, i.e. only if it is the smallest so far.
+# and fewer than 10 designs at a rung, a design goes on only if it comes first there, i.e. only if
+# it is the smallest so far.
 # The first design at each rung always goes on; a larger one arriving later is always stopped.
 ASHA = ["--fidelity", "asha", "--rungs", "1,2,4", "--eta", "10", "--objectives", "wer,bytes"]
 
