@@ -120,6 +120,7 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
     from nas.data.corpus import resolve_data
     from nas.schedule import Rungs, load_schedule
     from nas.train import train
+    from nas.workers import run_key
 
     base, rungs = load_schedule(proxy), Rungs()  # the search's default rungs
     top = rungs.schedule(base).model_copy(update={"name": f"{base.name}-x{rungs.multiples[-1]}"})
@@ -138,14 +139,14 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
                         "best_arch": best.arch.model_dump(mode="json")} if best else {})}
         out[fidelity] = _once(results / f"{fidelity}-{minutes:g}min", timed)
     # Both timed parts before either retrain, so the hours that must not be cut come first.
-    runs: dict[str, Path] = {}  # one retrain per distinct design: both modes may choose the same one
+    ref = load_schedule(reference)
+    runs: dict[str, Path] = {}  # one retrain per distinct design (as the search keys runs): both modes may choose the same
     for fidelity, row in out.items():
         if "best_arch" in row:
             arch = ArchConfig.from_dict(row.pop("best_arch"))
+            run = runs.setdefault(run_key(arch, ref), results / f"reference-{fidelity}")
             # a finished run is read back, a cut one resumes
-            run = runs.setdefault(json.dumps(arch.model_dump(mode="json"), sort_keys=True), results / f"reference-{fidelity}")
-            m = _read(run / "metrics.json") or train(arch, load_schedule(reference), resolve_data(data), run,
-                                                     progress=False)
+            m = _read(run / "metrics.json") or train(arch, ref, resolve_data(data), run, progress=False)
             test = m["test"]
             row |= {"reference": reference, "reference_run": run.name, "best_reference_test_wer": round(test.get("beam_wer", test["wer"]), 4)}
     fixed, asha = out["fixed"]["designs_evaluated"], out["asha"]["designs_evaluated"]
