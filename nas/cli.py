@@ -94,7 +94,7 @@ def _log_file(directory: Path) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from nas.study import DEFAULT_OBJECTIVES, SIGNALS
+    from nas.study import DEFAULT_FIDELITY, DEFAULT_OBJECTIVES, SIGNALS
 
     p = _Parser(prog="nas", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(parser_class=_Parser)
@@ -171,8 +171,9 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
                     help=f"a proxy signal ({', '.join(SIGNALS)}), bytes, optionally macs, rtf, memory "
                          f"(default {','.join(DEFAULT_OBJECTIVES)}: the signal nas bench fidelity ranked best)")
-    se.add_argument("--fidelity", default="fixed", choices=["fixed", "asha"],
-                    help="fixed: every design trains the proxy; asha: successive halving over rungs")
+    se.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=["fixed", "asha"],
+                    help="asha: successive halving over rungs; fixed: every design trains the proxy "
+                         f"(default {DEFAULT_FIDELITY}: more designs in the same time, measured by nas bench search)")
     se.add_argument("--rungs", default="1,3,9", help="asha: rungs as multiples of the proxy's steps (default 1,3,9)")
     se.add_argument("--eta", type=_positive, default=3, help="asha: the first 1/eta of a rung in MOASHA order goes on")
     se.add_argument("--enqueue", type=Path, action="append", default=[], help="ArchConfig JSON to add (repeatable)")

@@ -30,7 +30,7 @@ from nas.errors import UserError
 from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
-    DEFAULT_OBJECTIVES, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
+    DEFAULT_FIDELITY, DEFAULT_OBJECTIVES, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
 )
 from nas.trials import records, tally
 from nas.workers import Job, check_reachable, init_ray, prepare_data, run_dir, run_on_ray
@@ -54,7 +54,7 @@ class SearchSettings:
     data: str = "synth"
     proxy: str = "proxy"
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # chosen by nas bench fidelity (see nas.study)
-    fidelity: str = "fixed"  # "fixed": every design trains the proxy; "asha": successive halving
+    fidelity: str = DEFAULT_FIDELITY  # "asha": successive halving; "fixed": every design trains the proxy
     rungs: Rungs = Rungs()
     enqueue: list[Path] = field(default_factory=list)
     baselines: bool = True

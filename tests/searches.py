@@ -24,10 +24,11 @@ FAST_HEARTBEAT = {"NAS_HEARTBEAT_S": "2", "NAS_GRACE_S": "8"}
 
 
 def nas_search(tmp_path, corpus, *extra, study="t", trials=4) -> list[str]:
-    """The command line; options in ``extra`` come last, so they override these."""
+    """The command line; options in ``extra`` come last, so they override these. Every design trains
+    the proxy (``--fidelity fixed``) unless ``extra`` says ``--fidelity asha`` (tests/test_asha.py)."""
     return [sys.executable, "-m", "nas.cli", "search", str(ROOT / "search_spaces/tiny.yaml"), "--trials", str(trials),
             "--workers", "2", "--proxy", "tiny", "--data", f"manifest:{corpus}", "--results", str(tmp_path),
-            "--study", study, *extra]
+            "--study", study, "--fidelity", "fixed", *extra]
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:

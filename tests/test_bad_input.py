@@ -438,6 +438,8 @@ ARGS = {
     "unknown sampler": (["search", TINY, "--sampler", "bayes"],
                         "error: cli: search: argument --sampler: invalid choice"),
     "unknown objective": (["search", TINY, "--objectives", "wer,speed"], "error: --objectives: 'wer,speed'"),
+    "device objective under asha": (["search", TINY, "--objectives", "wer,bytes,rtf"],  # asha: the default
+                                    "error: --objectives: rtf and memory are measured when a design's training ends"),
     "unknown data kind": (["search", TINY, "--data", "s3:bucket"], "error: --data: 's3:bucket': expected synth"),
     "bad memory guard": (["search", TINY, "--max-trial-memory", "12XB"],
                          "error: cli: search: argument --max-trial-memory: '12XB' is not a size"),

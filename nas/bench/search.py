@@ -60,8 +60,11 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     atomic_write(results / "settings.json", json.dumps(stamp, indent=2) + "\n")
 
     def search(study: str, **kw) -> list:
+        # Every design trains the proxy unless a part says otherwise: the samplers are compared on whole
+        # proxy runs, and workers against threads on the same designs.
         settings = SearchSettings(**{"space": sp, "budget": b, "study": study, "data": data, "proxy": proxy,
-                                     "results": results, "baselines": False, "objectives": (objective, "bytes")} | kw)
+                                     "results": results, "baselines": False, "objectives": (objective, "bytes"),
+                                     "fidelity": "fixed"} | kw)
         return records(run_search(settings))
 
     # The two timed hours go first: each must run whole within one sitting, and the rest resumes anywhere.
