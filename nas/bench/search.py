@@ -65,7 +65,12 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
         settings = SearchSettings(**{"space": sp, "budget": b, "study": study, "data": data, "proxy": proxy,
                                      "results": results, "baselines": False, "objectives": (objective, "bytes"),
                                      "fidelity": "fixed"} | kw)
-        return records(run_search(settings))
+        done = records(run_search(settings))
+        if settings.time_budget_s is None and tally(done).done < settings.trials:
+            # Ray Tune ends a search early, and returns, only when interrupted (Ctrl-C): stop here rather
+            # than go on to the next study. This one resumes when the command is run again.
+            raise KeyboardInterrupt
+        return done
 
     # The two timed hours go first: each must run whole within one sitting, and the rest resumes anywhere.
     modes = compare_fidelity(search, proxy, fidelity_minutes, reference, data, results) if fidelity_minutes else None
