@@ -19,14 +19,18 @@ a retried trial resumes from its checkpoint and is judged at the rungs it had no
 
 from __future__ import annotations
 
+import logging
 import math
 
+import optuna
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from nas.pareto import nondominated_ranks
 from nas.schedule import Rungs, Schedule  # Rungs: the stretching of a schedule, free of Ray
 from nas.study import SIGNALS
 from nas.trials import records
+
+log = logging.getLogger(__name__)
 
 
 def promoted(vector: tuple[float, ...], others: list[tuple[float, ...]], eta: int) -> bool:
@@ -87,8 +91,14 @@ class RungScheduler(FIFOScheduler):
         optuna_trial = self.searcher.live.get(trial.trial_id)
         if optuna_trial is None or "step" not in result or "error" in result or result.get("final"):
             return TrialScheduler.CONTINUE
-        self.searcher.record_point(optuna_trial, result)
-        return TrialScheduler.CONTINUE if self.judge(optuna_trial, result) else TrialScheduler.STOP
+        try:
+            self.searcher.record_point(optuna_trial, result)
+            go_on = self.judge(optuna_trial, result)
+        except optuna.exceptions.UpdateFinishedTrialError:  # as in nas.search's _taken_over
+            log.warning("trial %d was failed as stale by another driver, which retries it; stopping it here",
+                        optuna_trial.number)
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP
 
     def judge(self, optuna_trial, result: dict) -> bool:
         """Decide every rung up to ``result["step"]`` not decided yet; False once one stops it."""

@@ -122,3 +122,34 @@ def test_a_driver_killed_past_a_rung_resumes_its_trials_from_their_checkpoints(t
     else:  # or it was stopped at a later rung than the one it had passed
         assert retry.state == TrialState.PRUNED and retry.user_attrs["curve"][-1]["step"] > caught.curve[-1]["step"]
     assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+
+
+def test_a_rung_result_for_a_trial_another_driver_failed_as_stale_stops_it_here(tmp_path):
+    """As in tests/test_study.py for the searcher: the other driver retries the trial, so this
+    driver's scheduler stops its copy at once instead of crashing on the finished trial."""
+    import optuna
+    from ray.tune.schedulers import TrialScheduler
+
+    from nas.asha import RungScheduler
+    from nas.search import BudgetSearcher, SearchSettings
+    from nas.space import load_space
+    from nas.study import open_storage, open_study
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    record = {"space": "tiny", "budget": "60K", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "tiny"}
+    study = open_study("s", storage, ("wer", "bytes"), "tpe", 0, record)
+    settings = SearchSettings(space=load_space(Path(__file__).parents[1] / "search_spaces/tiny.yaml"),
+                              budget=parse_budget("60K"), proxy="tiny", results=tmp_path)
+    searcher = BudgetSearcher(study, storage, None, settings, None, lambda number: None)  # suggest is not used
+    scheduler = RungScheduler(searcher, load_schedule("tiny"), Rungs((1, 2, 4)))
+    try:
+        trial = study.ask()
+        searcher.live["late"] = trial
+        optuna.load_study(study_name="s", storage=storage).tell(trial.number, state=TrialState.FAIL)
+        tune_trial = type("TuneTrial", (), {"trial_id": "late"})()  # all the scheduler reads of Tune's trial
+        point = {"step": scheduler.rung_steps[0], "dev_wer": 0.9, "dev_loss": 2.0}
+        assert scheduler.on_trial_result(None, tune_trial, point) == TrialScheduler.STOP
+    finally:
+        searcher.stop()
+    (t,) = study.get_trials()
+    assert t.state == TrialState.FAIL and "curve" not in t.user_attrs
