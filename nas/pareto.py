@@ -86,12 +86,14 @@ def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float]) 
 
 
 def hypervolume_curve(recs: list[TrialRecord], objective: str, ref: tuple[float, float]) -> list[float]:
-    """Hypervolume of (``objective``, bytes) after each complete trial, in trial order, as a share
-    of the box ``[0, ref[0]] x [0, ref[1]]``."""
+    """Hypervolume of (``objective``, bytes) after each trained design, in trial order, as a share
+    of the box ``[0, ref[0]] x [0, ref[1]]``. A design stopped at a rung of successive halving, or
+    failed, spent its training and adds no point; samples over the budget were never trained."""
     points, curve = [], []
     for r in sorted(recs, key=lambda r: r.number):
         if r.state == "complete":
             points.append((r.values[objective], float(r.bytes)))
+        if r.state in ("complete", "pruned", "failed"):
             curve.append(hypervolume_2d(points, ref) / (ref[0] * ref[1]))
     return curve
 
