@@ -19,18 +19,14 @@ a retried trial resumes from its checkpoint and is judged at the rungs it had no
 
 from __future__ import annotations
 
-import logging
 import math
 
-import optuna
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from nas.pareto import nondominated_ranks
 from nas.schedule import Rungs, Schedule  # Rungs: the stretching of a schedule, free of Ray
-from nas.study import SIGNALS
+from nas.study import SIGNALS, taken_over_is_dropped
 from nas.trials import records
-
-log = logging.getLogger(__name__)
 
 
 def promoted(vector: tuple[float, ...], others: list[tuple[float, ...]], eta: int) -> bool:
@@ -91,13 +87,10 @@ class RungScheduler(FIFOScheduler):
         optuna_trial = self.searcher.live.get(trial.trial_id)
         if optuna_trial is None or "step" not in result or "error" in result or result.get("final"):
             return TrialScheduler.CONTINUE
-        try:
+        go_on = False  # a trial that another driver took over is stopped here
+        with taken_over_is_dropped(optuna_trial):
             self.searcher.record_point(optuna_trial, result)
             go_on = self.judge(optuna_trial, result)
-        except optuna.exceptions.UpdateFinishedTrialError:  # as in nas.search's _taken_over
-            log.warning("trial %d was failed as stale by another driver, which retries it; stopping it here",
-                        optuna_trial.number)
-            return TrialScheduler.STOP
         return TrialScheduler.CONTINUE if go_on else TrialScheduler.STOP
 
     def judge(self, optuna_trial, result: dict) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
     DEFAULT_FIDELITY, DEFAULT_OBJECTIVES, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
+    taken_over_is_dropped,
 )
 from nas.trials import records, tally
 from nas.workers import Job, check_reachable, init_ray, prepare_data, run_dir, run_on_ray
@@ -117,7 +117,7 @@ class BudgetSearcher(Searcher):
         trial = self.live.get(trial_id)
         # Intermediate points only: the final report and a failed trial's report are told at the end.
         if trial is not None and "step" in result and "error" not in result and not result.get("final"):
-            with _taken_over(trial):
+            with taken_over_is_dropped(trial):
                 self.record_point(trial, result)
 
     def record_point(self, trial: optuna.Trial, result: dict) -> None:
@@ -131,7 +131,7 @@ class BudgetSearcher(Searcher):
         trial = self.live.pop(trial_id, None)
         if trial is None:
             return
-        with _taken_over(trial):
+        with taken_over_is_dropped(trial):
             self._tell(trial, result, error)
         self.on_finish(trial.number)
 
@@ -192,18 +192,6 @@ class BudgetSearcher(Searcher):
         stopped at the time budget before it reported) would otherwise be kept from going stale,
         and its study written to, for as long as this process lives."""
         self._stopped.set()
-
-
-@contextmanager
-def _taken_over(trial: optuna.Trial):
-    """A driver whose heartbeats came late (a loaded machine) may find that another driver has
-    failed its trial as stale, to retry it. This driver's late result for it is then dropped with a
-    warning, rather than stopping the driver."""
-    try:
-        yield
-    except optuna.exceptions.UpdateFinishedTrialError:
-        log.warning("trial %d was failed as stale by another driver, which retries it; this result is dropped",
-                    trial.number)
 
 
 # ---- the driver -----------------------------------------------------------------------------

@@ -13,9 +13,11 @@ FAIL and retried (same parameters) by ``RetryHeartbeatStaleTrialCallback``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from nas.config import ArchConfig
 from nas.errors import UserError
 from nas.space import Space
 from nas.trials import BUDGET_KEY
+
+log = logging.getLogger(__name__)
 
 # The proxy signals, by objective name (all minimized), and their key in a trial's evaluation
 # points and final report: dev WER, CER and CTC loss per token (greedy decoding, the schedule's
@@ -230,3 +234,15 @@ def open_existing_study(study: str, storage: str | None, results: Path) -> optun
         return optuna.load_study(study_name=study, storage=open_storage(storage))
     except KeyError:
         raise UserError("--study", "", f"no study named {study!r} in {_redact(storage)}") from None
+
+
+@contextmanager
+def taken_over_is_dropped(trial: optuna.Trial):
+    """Writes to a running trial, dropped with a warning if another driver has failed it as stale
+    meanwhile, to retry it (this driver's heartbeats came late, on a loaded machine): the other
+    driver's retry is the trial now, and this driver's copy must neither crash it nor go on."""
+    try:
+        yield
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning("trial %d was failed as stale by another driver, which retries it; this driver drops its copy",
+                    trial.number)
