@@ -23,7 +23,7 @@ import optuna
 
 from nas.files import atomic_write
 from nas.study import SIGNALS
-from nas.trials import TrialRecord, objectives_of, record, records, retried_numbers, state_of
+from nas.trials import DONE, TrialRecord, objectives_of, record, records, retried_numbers, state_of
 
 # The box's bound for the proxy signal. Error rates of barely trained models sit around 1.0 and
 # above (insertions), so 1.5 keeps them inside the box. Bytes are bounded by the budget.
@@ -93,7 +93,7 @@ def hypervolume_curve(recs: list[TrialRecord], objective: str, ref: tuple[float,
     for r in sorted(recs, key=lambda r: r.number):
         if r.state == "complete":
             points.append((r.values[objective], float(r.bytes)))
-        if r.state in ("complete", "pruned", "failed"):
+        if r.state in DONE:
             curve.append(hypervolume_2d(points, ref) / (ref[0] * ref[1]))
     return curve
 

@@ -34,6 +34,7 @@ STATES = {
     "running": "still running",
     "waiting": "queued",
 }
+DONE = ("complete", "pruned", "failed")  # a design trained to its end, to a rung, or to a failure: what --trials counts
 BUDGET_KEY = "budget"  # the name of the budget constraint (Optuna's ``trial.set_constraint``)
 
 
@@ -154,7 +155,7 @@ class Tally:
 
     @property
     def done(self) -> int:
-        return self["complete"] + self["pruned"] + self["failed"]
+        return sum(self[s] for s in DONE)
 
     @property
     def infeasible_share(self) -> float:

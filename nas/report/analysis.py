@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import optuna
 
 from nas.pareto import front, hypervolume_curve, nondominated_ranks, reference_point
-from nas.trials import Tally, TrialRecord, tally
+from nas.trials import DONE, Tally, TrialRecord, tally
 
 MIN_ROWS_FOR_FIDELITY = 3
 ERROR_RATES = ("wer", "cer")
@@ -152,7 +152,7 @@ def fidelity(retrained: list[dict]) -> Fidelity:
 
 # ---- the search summary -------------------------------------------------------------------
 
-TRAINED_STATES = ("complete", "pruned", "failed", "retried")  # the states of trials that reached a worker
+TRAINED_STATES = (*DONE, "retried")  # the states of trials that reached a worker
 
 
 @dataclass
