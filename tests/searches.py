@@ -112,3 +112,30 @@ def ray_head(env: dict):
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextmanager
+def a_trial_taken_over(tmp_path, on_finish=lambda number: None):
+    """This driver's searcher on a study of the tiny space, holding a live trial ("late") that
+    another driver has just failed as stale, as ``fail_stale_trials`` does: (study, searcher, trial).
+    The searcher's ``suggest`` is not used, so it has no budget gate and no corpus."""
+    from optuna.trial import TrialState
+
+    from nas.budget import parse_budget
+    from nas.search import BudgetSearcher, SearchSettings
+    from nas.space import load_space
+    from nas.study import open_storage, open_study
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    record = {"space": "tiny", "budget": "60K", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "tiny"}
+    study = open_study("s", storage, ("wer", "bytes"), "tpe", 0, record)
+    settings = SearchSettings(space=load_space(ROOT / "search_spaces/tiny.yaml"), budget=parse_budget("60K"),
+                              proxy="tiny", results=tmp_path)
+    searcher = BudgetSearcher(study, storage, None, settings, None, on_finish)
+    try:
+        trial = study.ask()
+        searcher.live["late"] = trial
+        optuna.load_study(study_name="s", storage=storage).tell(trial.number, state=TrialState.FAIL)
+        yield study, searcher, trial
+    finally:
+        searcher.stop()

@@ -16,7 +16,9 @@ from nas.asha import moasha_order, promoted
 from nas.budget import parse_budget
 from nas.schedule import Rungs, load_schedule
 from nas.trials import records, tally
-from searches import FAST_HEARTBEAT, assert_nothing_over_budget_was_trained, load, nas_search, run, trial_lines
+from searches import (
+    FAST_HEARTBEAT, a_trial_taken_over, assert_nothing_over_budget_was_trained, load, nas_search, run, trial_lines,
+)
 
 
 def test_a_design_goes_on_only_within_the_first_1_over_eta_share_of_its_rung_in_moasha_order():
@@ -127,29 +129,14 @@ def test_a_driver_killed_past_a_rung_resumes_its_trials_from_their_checkpoints(t
 def test_a_rung_result_for_a_trial_another_driver_failed_as_stale_stops_it_here(tmp_path):
     """As in tests/test_study.py for the searcher: the other driver retries the trial, so this
     driver's scheduler stops its copy at once instead of crashing on the finished trial."""
-    import optuna
     from ray.tune.schedulers import TrialScheduler
 
     from nas.asha import RungScheduler
-    from nas.search import BudgetSearcher, SearchSettings
-    from nas.space import load_space
-    from nas.study import open_storage, open_study
 
-    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    record = {"space": "tiny", "budget": "60K", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "tiny"}
-    study = open_study("s", storage, ("wer", "bytes"), "tpe", 0, record)
-    settings = SearchSettings(space=load_space(Path(__file__).parents[1] / "search_spaces/tiny.yaml"),
-                              budget=parse_budget("60K"), proxy="tiny", results=tmp_path)
-    searcher = BudgetSearcher(study, storage, None, settings, None, lambda number: None)  # suggest is not used
-    scheduler = RungScheduler(searcher, load_schedule("tiny"), Rungs((1, 2, 4)))
-    try:
-        trial = study.ask()
-        searcher.live["late"] = trial
-        optuna.load_study(study_name="s", storage=storage).tell(trial.number, state=TrialState.FAIL)
+    with a_trial_taken_over(tmp_path) as (study, searcher, trial):
+        scheduler = RungScheduler(searcher, load_schedule("tiny"), Rungs((1, 2, 4)))
         tune_trial = type("TuneTrial", (), {"trial_id": "late"})()  # all the scheduler reads of Tune's trial
         point = {"step": scheduler.rung_steps[0], "dev_wer": 0.9, "dev_loss": 2.0}
         assert scheduler.on_trial_result(None, tune_trial, point) == TrialScheduler.STOP
-    finally:
-        searcher.stop()
     (t,) = study.get_trials()
     assert t.state == TrialState.FAIL and "curve" not in t.user_attrs

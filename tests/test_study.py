@@ -11,6 +11,7 @@ from nas.search import screen_budget
 from nas.space import load_space
 from nas.study import BudgetGate, enqueue_design, make_sampler, open_storage, open_study
 from nas.trials import is_infeasible, records, tally
+from searches import a_trial_taken_over
 
 PAPER = load_space("search_spaces/paper.yaml")
 SETTINGS = {"space": "paper", "budget": "1M", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "proxy"}
@@ -112,24 +113,12 @@ def test_a_result_for_a_trial_another_driver_failed_as_stale_is_dropped_and_the_
     """Two drivers share a study; on a loaded machine one driver's heartbeats come late, and the
     other fails its trial as stale and retries it. The late driver's points and its final result
     for that trial are then dropped with a warning, and the trial stays as the other driver left it."""
-    from nas.search import BudgetSearcher, SearchSettings
-
-    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    study = open_study("s", storage, ("wer", "bytes"), "tpe", 0, SETTINGS)
     finished = []
-    settings = SearchSettings(space=PAPER, budget=parse_budget("1M"), results=tmp_path)
-    searcher = BudgetSearcher(study, storage, None, settings, None, finished.append)  # suggest is not used
-    try:
-        trial = study.ask()
-        searcher.live["late"] = trial
-        other = optuna.load_study(study_name="s", storage=storage)  # the other driver's handle
-        other.tell(trial.number, state=TrialState.FAIL)  # as fail_stale_trials does
+    with a_trial_taken_over(tmp_path, finished.append) as (study, searcher, trial):
         with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # what the driver met before
             trial.set_user_attr("curve", [])
         searcher.on_trial_result("late", {"step": 100, "wer": 0.9})
         searcher.on_trial_complete("late", {"step": 300, "final": True, "wer": 0.8, "train_seconds": 1.0})
-    finally:
-        searcher.stop()
     assert finished == [trial.number]  # its line is still printed: it shows the trial as failed
     (t,) = study.get_trials()
     assert t.state == TrialState.FAIL and "curve" not in t.user_attrs
