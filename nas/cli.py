@@ -94,7 +94,7 @@ def _log_file(directory: Path) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from nas.study import DEFAULT_FIDELITY, DEFAULT_OBJECTIVES, SIGNALS
+    from nas.study import DEFAULT_FIDELITY, DEFAULT_OBJECTIVES, SIGNALS, default_objectives
 
     p = _Parser(prog="nas", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(parser_class=_Parser)
@@ -168,9 +168,10 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     se.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     se.add_argument("--proxy", default="proxy", help="the proxy schedule: a name or a YAML file")
-    se.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
-                    help=f"a proxy signal ({', '.join(SIGNALS)}), bytes, optionally macs, rtf, memory "
-                         f"(default {','.join(DEFAULT_OBJECTIVES)}: the signal nas bench fidelity ranked best)")
+    se.add_argument("--objectives",
+                    help=f"a proxy signal ({', '.join(SIGNALS)}), bytes, optionally macs, rtf, memory (default: the "
+                         "signal nas bench fidelity ranked best for the fidelity, and bytes: "
+                         + "; ".join(f"{','.join(default_objectives(f))} under {f}" for f in ("asha", "fixed")) + ")")
     se.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=["fixed", "asha"],
                     help="asha: successive halving over rungs; fixed: every design trains the proxy "
                          f"(default {DEFAULT_FIDELITY}: more designs in the same time, measured by nas bench search)")
@@ -289,14 +290,14 @@ def _search(args) -> int:
     from nas.budget import parse_budget
     from nas.search import SearchSettings, run_search
     from nas.space import load_space
-    from nas.study import DEVICE_OBJECTIVES, parse_objectives
+    from nas.study import DEVICE_OBJECTIVES, default_objectives, parse_objectives
     from nas.schedule import load_schedule
 
     space = load_space(args.space)
     budget = parse_budget(args.budget) if args.budget else space.budget
     if budget is None:
         raise UserError(str(args.space), "budget", "no budget in the space file; give --budget")
-    objectives = parse_objectives(args.objectives)
+    objectives = parse_objectives(args.objectives or ",".join(default_objectives(args.fidelity)))
     rungs = _rungs(args.rungs, args.eta)
     if args.fidelity == "asha" and set(objectives) & set(DEVICE_OBJECTIVES):
         raise UserError("--objectives", "", "rtf and memory are measured when a design's training ends, which a "

@@ -29,7 +29,7 @@ from nas.errors import UserError
 from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
-    DEFAULT_FIDELITY, DEFAULT_OBJECTIVES, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, open_storage, open_study, storage_url,
+    DEFAULT_FIDELITY, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, default_objectives, objective_values, open_storage, open_study, storage_url,
     taken_over_is_dropped,
 )
 from nas.trials import records, tally
@@ -53,7 +53,7 @@ class SearchSettings:
     address: str | None = None
     data: str = "synth"
     proxy: str = "proxy"
-    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # chosen by nas bench fidelity (see nas.study)
+    objectives: tuple[str, ...] | None = None  # None: the fidelity's best signal and bytes (nas.study.BEST_SIGNAL)
     fidelity: str = DEFAULT_FIDELITY  # "asha": successive halving; "fixed": every design trains the proxy
     rungs: Rungs = Rungs()
     enqueue: list[Path] = field(default_factory=list)
@@ -65,6 +65,7 @@ class SearchSettings:
     def __post_init__(self) -> None:
         # Tune runs each trial in its own working directory: every path handed to it is absolute.
         self.results = Path(self.results).resolve()
+        self.objectives = self.objectives or default_objectives(self.fidelity)
 
     @property
     def out(self) -> Path:

@@ -37,16 +37,27 @@ log = logging.getLogger(__name__)
 # points and final report: dev WER, CER and CTC loss per token (greedy decoding, the schedule's
 # dev subset), and the mean training loss over the whole run (Ru et al. 2020's sum of losses).
 SIGNALS = {"wer": "dev_wer", "cer": "dev_cer", "loss": "dev_loss", "train_loss": "train_loss_mean"}
-# What a search minimizes unless told otherwise: the signal that `nas bench fidelity` measured to
-# rank designs most as full training does after the 300-step proxy (results/bench.md, 10 designs
-# at 1M, Kendall tau against full dev WER): dev WER, 0.568, where CER gives 0.449 and loss 0.405;
-# at 900 steps WER and loss tie at 0.854 (parameter count alone: 0.719).
-DEFAULT_OBJECTIVES = ("wer", "bytes")
+# The proxy signal each fidelity ranks designs by unless told otherwise: the one that
+# `nas bench fidelity` measured to rank them most as full training does (results/bench.md,
+# `best_by_fidelity`: 10 designs at 1M, Kendall tau against full dev WER; parameter count alone
+# gives 0.719). A fixed proxy reads its signal once, after its 300 annealed steps: dev WER, 0.568,
+# where CER gives 0.449 and loss 0.405. Successive halving reads it at every rung: dev loss is the
+# best at its worst rung, 0.629 after 300 steps (WER 0.494), and best or tied at 900 and 2,700
+# steps (0.854; WER 0.854 and 0.809).
+BEST_SIGNAL = {"fixed": "wer", "asha": "loss"}
 # How a search trains its designs unless told otherwise: successive halving (nas.asha), which
 # `nas bench search` measured against a fixed proxy as long as its last rung at equal wall time
 # (60 min on 2 cores, objective wer): 14 designs evaluated against 5, and the same best design.
 # A fixed proxy as short as the first rung ranks worse than parameter count (tau above).
 DEFAULT_FIDELITY = "asha"
+
+
+def default_objectives(fidelity: str = DEFAULT_FIDELITY) -> tuple[str, str]:
+    """What a search under ``fidelity`` minimizes unless told otherwise: its best signal, and bytes."""
+    return BEST_SIGNAL[fidelity], "bytes"
+
+
+DEFAULT_OBJECTIVES = default_objectives()
 SIZES = ("bytes", "macs")
 # What an intermediate evaluation point of a trial keeps (its Optuna user attr ``curve``).
 POINT_KEYS = ("step", "train_loss", "train_loss_mean", "dev_wer", "dev_cer", "dev_loss", "lr", "elapsed_s",

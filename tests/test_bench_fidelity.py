@@ -105,3 +105,35 @@ def test_bench_md_shows_a_list_of_records_as_a_table_of_its_own_and_a_record_as_
     assert "| signal | kendall_tau |\n| --- | --- |\n| loss | 0.6 |\n| cer | 0.2 |" in md
     assert "| best.signal | loss |\n| best.by.kendall_tau | 0.6 |" in md
     assert "[{" not in md and "{'" not in md
+
+
+def _row(length, signal, tau):
+    return {"length": length, "signal": signal, "kendall_tau": tau}
+
+
+def test_a_fixed_proxy_takes_its_best_signal_and_halving_the_signal_best_at_its_worst_rung():
+    proxy, rungs = "proxy (300 steps, annealed)", ["rung 1x (300 steps)", "rung 3x (900 steps)"]
+    table = [_row(proxy, "wer", 0.5), _row(proxy, "loss", 0.4),
+             _row(rungs[0], "wer", 0.3), _row(rungs[1], "wer", 0.9),  # best at one rung, worst at the other
+             _row(rungs[0], "loss", 0.6), _row(rungs[1], "loss", 0.7),
+             _row(rungs[0], "cer", 0.6), _row(rungs[1], "cer", float("nan"))]  # nan: no ranking at all
+    best = fidelity._best_by_fidelity(table, proxy, rungs)
+    assert best["fixed"] == {"signal": "wer", "kendall_tau": 0.5, "at": proxy}
+    assert best["asha"] == {"signal": "loss", "worst_rung_kendall_tau": 0.6,
+                            "kendall_tau_by_rung": {rungs[0]: 0.6, rungs[1]: 0.7}}
+    table.append(_row(rungs[0], "train_loss", 0.6))
+    table.append(_row(rungs[1], "train_loss", 0.8))  # the same worst rung: the higher mean wins
+    assert fidelity._best_by_fidelity(table, proxy, rungs)["asha"]["signal"] == "train_loss"
+
+
+def test_each_fidelitys_default_signal_is_the_one_the_committed_benchmark_ranked_best():
+    from nas.demo import SCALES
+    from nas.search import SearchSettings
+    from nas.study import BEST_SIGNAL, DEFAULT_FIDELITY, DEFAULT_OBJECTIVES
+
+    measured = json.loads((fidelity.ROOT / "results" / "bench.json").read_text())["fidelity"]["best_by_fidelity"]
+    assert BEST_SIGNAL == {f: measured[f]["signal"] for f in ("fixed", "asha")}
+    assert DEFAULT_OBJECTIVES == (BEST_SIGNAL[DEFAULT_FIDELITY], "bytes")
+    assert all(s.objective == BEST_SIGNAL[s.fidelity] for s in SCALES.values())
+    for f in ("fixed", "asha"):  # a search told its fidelity alone ranks by that fidelity's signal
+        assert SearchSettings(space=None, budget=None, fidelity=f).objectives == (BEST_SIGNAL[f], "bytes")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import warnings
 from pathlib import Path
 
@@ -127,12 +128,10 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     target = [reference_wer(r) for r in rows]
     ref_s = sum(r["reference"]["curve"][-1]["train_s"] for r in rows)
     # Each proxy length: where its signals are read in a row's runs, and its training seconds.
-    lengths = {f"proxy ({base.steps} steps, annealed)": (lambda r: r["proxy"]["curve"][-1],
-                                                        lambda r: r["proxy"]["curve"][-1]["train_s"])}
-    for m in rungs:
-        step = base.steps * m
-        lengths[f"rung {m}x ({step} steps)"] = (lambda r, s=step: _at(r["asha"], s),
-                                                lambda r, s=step: _at(r["asha"], s)["train_s"])
+    proxy_length, rung_lengths = f"proxy ({base.steps} steps, annealed)", {f"rung {m}x ({base.steps * m} steps)": base.steps * m for m in rungs}
+    lengths = {proxy_length: (lambda r: r["proxy"]["curve"][-1], lambda r: r["proxy"]["curve"][-1]["train_s"])}
+    for length, step in rung_lengths.items():
+        lengths[length] = (lambda r, s=step: _at(r["asha"], s), lambda r, s=step: _at(r["asha"], s)["train_s"])
     table = []
     for length, (point_of, seconds_of) in lengths.items():
         cost = sum(seconds_of(r) for r in rows)
@@ -141,7 +140,8 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
             table.append({"length": length, "signal": signal, **_rank(values, target, kendalltau, spearmanr),
                           "cost_share": round(cost / ref_s, 4)})
     by_size = _rank([-r["params"] for r in rows], target, kendalltau, spearmanr)
-    best = max(table, key=lambda t: t["kendall_tau"] if not math.isnan(t["kendall_tau"]) else -2)
+    best = max(table, key=lambda t: _tau(t))
+    by_fidelity = _best_by_fidelity(table, proxy_length, list(rung_lengths))
     _plots(rows, target, lengths, Path(results))
     return {
         "setup": f"{len(rows)}{'' if len(rows) == len(designs) else f' of {len(designs)}'} designs of {DESIGNS.name}; proxy {proxy}, rungs {rungs}, reference {reference} "
@@ -152,8 +152,29 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
         "table": table,
         "params_kendall_tau": by_size["kendall_tau"], "params_spearman_rho": by_size["spearman_rho"],
         "best": {k: best[k] for k in ("length", "signal", "kendall_tau", "spearman_rho", "cost_share")},
+        "best_by_fidelity": by_fidelity,
         "reference_train_seconds": round(ref_s),
     }
+
+
+def _tau(row: dict) -> float:
+    return -2.0 if math.isnan(row["kendall_tau"]) else row["kendall_tau"]
+
+
+def _best_by_fidelity(table: list[dict], proxy: str, rungs: list[str]) -> dict:
+    """The signal each ``--fidelity`` should rank by. A fixed proxy reads its signal once, at the
+    proxy's end: the best τ there. Successive halving reads the same signal at every rung, to stop
+    designs at the lower ones and to rank the complete ones at the last: the signal whose worst τ
+    over the rungs is highest (a tie goes to the higher mean over the rungs)."""
+    fixed = max((t for t in table if t["length"] == proxy), key=_tau)
+    per_signal = {}
+    for t in table:
+        if t["length"] in rungs:
+            per_signal.setdefault(t["signal"], []).append(_tau(t))
+    asha = max(per_signal, key=lambda s: (min(per_signal[s]), statistics.mean(per_signal[s])))
+    return {"fixed": {"signal": fixed["signal"], "kendall_tau": fixed["kendall_tau"], "at": proxy},
+            "asha": {"signal": asha, "worst_rung_kendall_tau": min(per_signal[asha]),
+                     "kendall_tau_by_rung": dict(zip(rungs, per_signal[asha]))}}
 
 
 def _train_all(plan: list, corpus, threads: int, jobs: int) -> None:

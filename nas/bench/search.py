@@ -38,7 +38,9 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     is read back, and one cut short starts over (its clock must cover it whole). Other arguments, or
     a changed proxy or reference recipe, measure into a directory of their own under ``results``.
     The two timed searches of ``fidelity_minutes`` run first, so that a sitting of a little over
-    twice that finishes both; everything after them resumes from any point."""
+    twice that finishes both; everything after them resumes from any point. Without
+    ``fidelity_minutes`` the same directory is used, so the untimed sampler studies can be run
+    first, while the machine does other work, and the timed parts added by a later run."""
     from nas.budget import parse_budget
     from nas.pareto import hypervolume_curve, reference_point
     from nas.schedule import load_schedule
@@ -49,12 +51,13 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     sp, b = load_space(SPACES / space), parse_budget(budget)
     results = Path(results)
     stamp = {"space": space, "budget": budget, "data": data, "objective": objective, "trials": trials,
-             "seeds": seeds, "parallel_trials": parallel_trials, "fidelity_minutes": fidelity_minutes,
-             "fixed_proxy": "as long as the last rung" if fidelity_minutes else None,
+             "seeds": seeds, "parallel_trials": parallel_trials, "fixed_proxy": "as long as the last rung",
              "proxy": load_schedule(proxy).model_dump(mode="json"),
-             "reference": load_schedule(reference).model_dump(mode="json") if fidelity_minutes else None}
+             "reference": load_schedule(reference).model_dump(mode="json")}
     # Each set of settings measures into a directory of its own, so figures of other settings never
-    # mix in and hours already measured under them are never deleted.
+    # mix in and hours already measured under them are never deleted. The timed parts' length is
+    # not one of them (their studies are named by it), so that the sampler studies can be run
+    # first, without --fidelity-minutes, and the timed hours added later, alone on the machine.
     digest = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:8]
     results = results / f"{Path(space).stem}-{budget}-{objective}-{digest}"
     results.mkdir(parents=True, exist_ok=True)
