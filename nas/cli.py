@@ -226,7 +226,8 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(run=_transcribe)
 
     d = sub.add_parser("demo", help="the main job: corpus, search, retrain, report, export")
-    d.add_argument("--scale", default="demo", choices=["demo", "ci"], help="ci: the same pipeline, tiny")
+    d.add_argument("--scale", default="demo", choices=["demo", "ci", "paper-1m"],
+                   help="ci: the same pipeline, tiny; paper-1m: the reference study (hours)")
     d.add_argument("--results", type=Path, default=Path("results"))
     d.add_argument("--study", default=None, help="default: the scale's name")
     d.set_defaults(run=_demo)
