@@ -10,7 +10,10 @@ et al. 2021), which takes the best proxy signal first and then, each time, the d
 from those taken. The design is **promoted**, and simply trains on from where it is, when at most
 a ``1/eta`` share of the rung comes before it; otherwise Ray Tune stops it and Optuna is told
 PRUNED, its intermediate values kept in its ``curve``. A design that passes every rung trains to
-the end and is told COMPLETE with its final values.
+the end and is told COMPLETE with its final values. A design the user named (the baselines, and
+``--enqueue`` files) is never stopped: it is the yardstick the others are read against, so the
+front places it after the same training as the designs that complete, and it can be retrained
+and compared in full. Its points still count in the rung tables of the others.
 
 Decisions live in Optuna storage (each trial's ``curve`` and ``rungs`` user attrs), so a driver
 that dies and is started again, or a second driver on the same study, decides from the same table;
@@ -101,6 +104,10 @@ class RungScheduler(FIFOScheduler):
         decided = dict(attrs.get("rungs", {}))
         for k, step in enumerate(self.rung_steps[:-1]):  # the last rung is the end of training
             if step > result["step"] or str(k) in decided:
+                continue
+            if attrs.get("label"):  # a named design is the yardstick: it trains to the end
+                decided[str(k)] = "kept: named design"
+                optuna_trial.set_user_attr("rungs", decided)
                 continue
             # Judge at the rung's own point; a trial resumed past it is judged at where it stands.
             curve = {p["step"]: p for p in attrs.get("curve", [])}

@@ -23,7 +23,7 @@ from nas.budget import parse_budget
 from nas.errors import UserError
 from nas.files import atomic_write
 from nas.pareto import front
-from nas.trials import TrialRecord, records
+from nas.trials import DONE, TrialRecord, records
 from nas.schedule import load_schedule
 from nas.workers import Job, init_ray, prepare_data, run_dir, run_on_ray
 
@@ -53,7 +53,7 @@ def designs_to_retrain(study: optuna.Study, top: int) -> list[TrialRecord]:
     picked = pick_spread([r for r in front(study) if r.label not in BASELINES], top)
     numbers = {r.number for r in picked}
     for r in records(study):
-        if r.label in BASELINES and r.trained and r.state in ("complete", "failed") and r.number not in numbers:
+        if r.label in BASELINES and r.trained and r.state in DONE and r.number not in numbers:
             picked.append(r)
             numbers.add(r.number)
     return picked

@@ -69,7 +69,9 @@ def test_a_stopped_design_is_pruned_with_its_curve_and_a_promoted_one_trains_on(
     steps = Rungs((1, 2, 4)).steps(load_schedule("tiny"))  # 12, 24, 48
     stopped = [x for x in recs if x.state == "pruned"]
     finished = [x for x in recs if x.state == "complete"]
-    assert stopped and finished, [x.state for x in recs]
+    named = [x for x in recs if x.label]  # the baselines: never stopped, the yardstick of the others
+    assert stopped and finished and named, [(x.state, x.label) for x in recs]
+    assert all(x in finished for x in named)
     for x in stopped:  # PRUNED in storage, never COMPLETE: no values, its points kept
         t = study.trials[x.number]
         assert t.state == TrialState.PRUNED and t.values is None and not x.values
@@ -77,7 +79,8 @@ def test_a_stopped_design_is_pruned_with_its_curve_and_a_promoted_one_trains_on(
         assert list(x.curve[-1:]) and t.user_attrs["rungs"][str(steps.index(x.curve[-1]["step"]))] == "stopped"
     for x in finished:  # promoted at every rung: one run, its step counter going on to the end
         assert [p["step"] for p in x.curve] == list(range(12, 49, 12))
-        assert set(study.trials[x.number].user_attrs["rungs"].values()) == {"promoted"}
+        kept = {"kept: named design"} if x.label else {"promoted"}
+        assert set(study.trials[x.number].user_attrs["rungs"].values()) == kept
         metrics = json.loads((x.run_dir / "metrics.json").read_text())
         assert metrics["steps"] == 48 and metrics["resumed_at_steps"] == []
         assert x.values["wer"] == pytest.approx(metrics["dev"]["wer"])

@@ -304,3 +304,14 @@ def test_the_report_says_which_sharing_levels_the_front_uses(searched, tmp_path)
     assert f"the unshared baseline (trial {unshared.number}" in text or "No front design is as small" in text
     for r in on_front:
         assert re.search(rf"^\| {r.number} \| ", text, re.MULTILINE)
+
+
+def test_proxy_fidelity_ranks_only_designs_with_a_final_proxy_value():
+    from nas.report.analysis import fidelity
+
+    rows = [{"number": n, "seed": 0, "proxy_value": p, "full_dev_wer": w}
+            for n, p, w in [(0, 0.9, 0.5), (1, 0.8, 0.4), (2, 0.7, 0.3), (3, None, 0.2)]]  # 3: stopped at a rung
+    rows.append({"number": 1, "seed": 1, "proxy_value": 0.8, "full_dev_wer": 0.45})  # a second seed counts once
+    f = fidelity(rows)
+    assert [r["number"] for r in f.rows] == [0, 1, 2]
+    assert f.tau == pytest.approx(1.0) and f.rho == pytest.approx(1.0)

@@ -134,12 +134,14 @@ class Fidelity:
 
 def fidelity(retrained: list[dict]) -> Fidelity:
     """Over the retrained designs (a design retrained with several seeds counts once, at its first
-    seed: the proxy ranked it once)."""
+    seed: the proxy ranked it once) that have a final proxy value (a design stopped at a rung of an
+    older study has none)."""
     from scipy.stats import kendalltau, spearmanr
 
     first = {}
     for r in sorted(retrained, key=lambda r: r.get("seed", 0)):
-        first.setdefault(r["number"], r)
+        if r.get("proxy_value") is not None:
+            first.setdefault(r["number"], r)
     out = Fidelity(list(first.values()))
     if len(out.rows) < MIN_ROWS_FOR_FIDELITY:
         return out
