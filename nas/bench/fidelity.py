@@ -128,7 +128,8 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     target = [reference_wer(r) for r in rows]
     ref_s = sum(r["reference"]["curve"][-1]["train_s"] for r in rows)
     # Each proxy length: where its signals are read in a row's runs, and its training seconds.
-    proxy_length, rung_lengths = f"proxy ({base.steps} steps, annealed)", {f"rung {m}x ({base.steps * m} steps)": base.steps * m for m in rungs}
+    proxy_length = f"proxy ({base.steps} steps, annealed)"
+    rung_lengths = {f"rung {m}x ({base.steps * m} steps)": base.steps * m for m in rungs}
     lengths = {proxy_length: (lambda r: r["proxy"]["curve"][-1], lambda r: r["proxy"]["curve"][-1]["train_s"])}
     for length, step in rung_lengths.items():
         lengths[length] = (lambda r, s=step: _at(r["asha"], s), lambda r, s=step: _at(r["asha"], s)["train_s"])
@@ -140,7 +141,7 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
             table.append({"length": length, "signal": signal, **_rank(values, target, kendalltau, spearmanr),
                           "cost_share": round(cost / ref_s, 4)})
     by_size = _rank([-r["params"] for r in rows], target, kendalltau, spearmanr)
-    best = max(table, key=lambda t: _tau(t))
+    best = max(table, key=_tau)
     by_fidelity = _best_by_fidelity(table, proxy_length, list(rung_lengths))
     _plots(rows, target, lengths, Path(results))
     return {
