@@ -169,8 +169,9 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     se.add_argument("--proxy", default="proxy", help="the proxy schedule: a name or a YAML file")
     se.add_argument("--objectives",
-                    help=f"a proxy signal ({', '.join(SIGNALS)}), bytes, optionally macs, rtf, memory (default: the "
-                         "signal nas bench fidelity ranked best for the fidelity, and bytes: "
+                    help=f"a proxy signal ({', '.join(SIGNALS)}), bytes, optionally macs, rtf, memory (default: what "
+                         "the study was started with; for a new study the signal nas bench fidelity ranked best "
+                         "for the fidelity, and bytes: "
                          + "; ".join(f"{','.join(default_objectives(f))} under {f}" for f in ("asha", "fixed")) + ")")
     se.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=["fixed", "asha"],
                     help="asha: successive halving over rungs; fixed: every design trains the proxy "
@@ -230,6 +231,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="ci: the same pipeline, tiny; paper-1m: the reference study (hours)")
     d.add_argument("--results", type=Path, default=Path("results"))
     d.add_argument("--study", default=None, help="default: the scale's name")
+    d.add_argument("--workers", type=_positive, default=2, help="trials and retrains at once (default 2)")
+    d.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     d.set_defaults(run=_demo)
     return p
 
@@ -291,16 +294,16 @@ def _search(args) -> int:
     from nas.budget import parse_budget
     from nas.search import SearchSettings, run_search
     from nas.space import load_space
-    from nas.study import DEVICE_OBJECTIVES, default_objectives, parse_objectives
+    from nas.study import DEVICE_OBJECTIVES, parse_objectives
     from nas.schedule import load_schedule
 
     space = load_space(args.space)
     budget = parse_budget(args.budget) if args.budget else space.budget
     if budget is None:
         raise UserError(str(args.space), "budget", "no budget in the space file; give --budget")
-    objectives = parse_objectives(args.objectives or ",".join(default_objectives(args.fidelity)))
+    objectives = parse_objectives(args.objectives) if args.objectives else None  # None: see SearchSettings
     rungs = _rungs(args.rungs, args.eta)
-    if args.fidelity == "asha" and set(objectives) & set(DEVICE_OBJECTIVES):
+    if args.fidelity == "asha" and set(objectives or ()) & set(DEVICE_OBJECTIVES):
         raise UserError("--objectives", "", "rtf and memory are measured when a design's training ends, which a "
                         "design stopped at a rung never reaches: use them with --fidelity fixed")
     load_schedule(args.proxy)  # a bad schedule is refused before anything starts
@@ -396,7 +399,7 @@ def _demo(args) -> int:
     from nas import demo
 
     _log_file(args.results / (args.study or args.scale))
-    demo.run(args.scale, args.results, args.study or args.scale)
+    demo.run(args.scale, args.results, args.study or args.scale, workers=args.workers, address=args.address)
     return 0
 
 

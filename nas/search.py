@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -29,7 +29,7 @@ from nas.errors import UserError
 from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
-    DEFAULT_FIDELITY, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, default_objectives, objective_values, open_storage, open_study, storage_url,
+    DEFAULT_FIDELITY, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, objectives_for, open_storage, open_study, storage_url,
     taken_over_is_dropped,
 )
 from nas.trials import records, tally
@@ -53,7 +53,8 @@ class SearchSettings:
     address: str | None = None
     data: str = "synth"
     proxy: str = "proxy"
-    objectives: tuple[str, ...] | None = None  # None: the fidelity's best signal and bytes (nas.study.BEST_SIGNAL)
+    # None: what the study was started with, else the fidelity's best signal and bytes (see run_search)
+    objectives: tuple[str, ...] | None = None
     fidelity: str = DEFAULT_FIDELITY  # "asha": successive halving; "fixed": every design trains the proxy
     rungs: Rungs = Rungs()
     enqueue: list[Path] = field(default_factory=list)
@@ -65,7 +66,6 @@ class SearchSettings:
     def __post_init__(self) -> None:
         # Tune runs each trial in its own working directory: every path handed to it is absolute.
         self.results = Path(self.results).resolve()
-        self.objectives = self.objectives or default_objectives(self.fidelity)
 
     @property
     def out(self) -> Path:
@@ -208,6 +208,7 @@ def run_search(s: SearchSettings) -> optuna.Study:
     if s.address and s.address != "auto":
         check_reachable(s.address)  # before the storage: a refused run writes nothing
     storage = open_storage(storage_url(s.study, s.storage, s.results))  # before hours of feature extraction
+    s = replace(s, objectives=objectives_for(storage, s.study, s.fidelity, s.objectives))
     corpus, corpus_line = prepare_data(s.data)
     print(corpus_line, flush=True)
     init_ray(s.address)
@@ -223,7 +224,7 @@ def run_search(s: SearchSettings) -> optuna.Study:
 
     t = tally(records(study))
     print(f"study {s.study}: {t.done}/{s.trials} trials done, {t['infeasible']} infeasible samples so far; "
-          f"{s.workers} workers x {s.cpus_per_trial} CPU", flush=True)
+          f"objectives {','.join(s.objectives)}; {s.workers} workers x {s.cpus_per_trial} CPU", flush=True)
     bar = tqdm(total=s.trials, initial=min(t.done, s.trials), desc="search", unit="trial", dynamic_ncols=True)
 
     def on_finish(number: int) -> None:

@@ -137,6 +137,19 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise UserError("--sampler", "", f"{name!r} is not one of {', '.join(SAMPLERS)}")
 
 
+def objectives_for(storage: RDBStorage, name: str, fidelity: str, named: tuple[str, ...] | None) -> tuple[str, ...]:
+    """What study ``name`` minimizes: the objectives the user ``named``; else those it was started
+    with, so that a default changed since (by a new ``nas bench fidelity``) never stops a study from
+    resuming; else, for a new study, the fidelity's default (:func:`default_objectives`)."""
+    if named:
+        return tuple(named)
+    try:
+        before = optuna.load_study(study_name=name, storage=storage).user_attrs.get("settings", {}).get("objectives")
+    except KeyError:  # no such study yet
+        before = None
+    return tuple(before) if before else default_objectives(fidelity)
+
+
 def open_study(name: str, storage: RDBStorage, objectives: tuple[str, ...], sampler: str, seed: int | None,
                settings: dict) -> optuna.Study:
     """Create or continue study ``name``. ``settings`` (space, budget, objectives, data, proxy)

@@ -130,7 +130,7 @@ def a_trial_taken_over(tmp_path, on_finish=lambda number: None):
     record = {"space": "tiny", "budget": "60K", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "tiny"}
     study = open_study("s", storage, ("wer", "bytes"), "tpe", 0, record)
     settings = SearchSettings(space=load_space(ROOT / "search_spaces/tiny.yaml"), budget=parse_budget("60K"),
-                              proxy="tiny", results=tmp_path)
+                              proxy="tiny", results=tmp_path, objectives=("wer", "bytes"))
     searcher = BudgetSearcher(study, storage, None, settings, None, on_finish)
     try:
         trial = study.ask()

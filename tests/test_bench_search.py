@@ -26,8 +26,8 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
     chosen = {m: json.loads((out / f"{m}-1.5min.json").read_text()).get("best_arch") for m in ("fixed", "asha")}
     if chosen["fixed"] and chosen["asha"]:
         same = chosen["fixed"] == chosen["asha"]
-        assert modes["asha"]["reference_run"] == ("reference-fixed" if same else "reference-asha")
-        assert (out / "reference-asha").exists() != same
+        assert modes["asha"]["reference_run"] == ("reference-fixed-1.5min" if same else "reference-asha-1.5min")
+        assert (out / "reference-asha-1.5min").exists() != same
     # The fixed proxy trains every design as long as halving's last rung (tiny's steps, 9x).
     from nas.schedule import load_schedule
     fixed = load_schedule(str(out / "tiny-x9.yaml"))
@@ -40,6 +40,11 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
     assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
     timed = [n for n in studies if n.startswith(("parallel", "fixed", "asha"))]
     assert timed and all((out / n / "study.db").stat().st_mtime_ns == studies[n] for n in timed)
+
+    # Without the timed parts the same directory is read: the sampler studies can be measured first.
+    alone = bench_search(**args | {"fidelity_minutes": 0})
+    assert "fidelity_fixed_vs_asha" not in alone and alone["hypervolume_tpe"] == first["hypervolume_tpe"]
+    assert list((tmp_path / "b").iterdir()) == [out]
 
     # Other settings measure into a directory of their own: nothing measured before is lost.
     bench_search(**args | {"trials": 1, "fidelity_minutes": 0})

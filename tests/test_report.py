@@ -138,7 +138,7 @@ def test_report_of_a_real_study(searched, tmp_path):
     complete = sum(t.state == TrialState.COMPLETE for t in searched.trials)
     assert complete == 4
     assert f"Not enough trials ({complete}) to estimate importance" in md
-    assert "Not measured: no design has been retrained in full" in md
+    assert "Not measured: no design with a final proxy value has been retrained in full" in md
     summary = section(md, "Search summary")
     assert "| complete | 4 |" in summary and "| failed | 1 |" in summary
     assert "RuntimeError: out of memory (simulated)" in summary

@@ -9,7 +9,7 @@ from nas.config import ArchConfig
 from nas.errors import UserError
 from nas.search import screen_budget
 from nas.space import load_space
-from nas.study import BudgetGate, enqueue_design, make_sampler, open_storage, open_study
+from nas.study import BEST_SIGNAL, BudgetGate, enqueue_design, make_sampler, objectives_for, open_storage, open_study
 from nas.trials import is_infeasible, records, tally
 from searches import a_trial_taken_over
 
@@ -122,3 +122,12 @@ def test_a_result_for_a_trial_another_driver_failed_as_stale_is_dropped_and_the_
     assert finished == [trial.number]  # its line is still printed: it shows the trial as failed
     (t,) = study.get_trials()
     assert t.state == TrialState.FAIL and "curve" not in t.user_attrs
+
+
+def test_a_new_study_ranks_by_its_fidelitys_signal_and_a_resumed_one_by_what_it_was_started_with(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    for fidelity in ("fixed", "asha"):
+        assert objectives_for(storage, "new", fidelity, None) == (BEST_SIGNAL[fidelity], "bytes")
+    study_in(tmp_path)  # started with wer,bytes: a default changed since must not stop it resuming
+    assert objectives_for(storage, "s", "asha", None) == ("wer", "bytes") != (BEST_SIGNAL["asha"], "bytes")
+    assert objectives_for(storage, "s", "asha", ("cer", "bytes")) == ("cer", "bytes")  # named: open_study refuses it

@@ -168,14 +168,15 @@ def _best_by_fidelity(table: list[dict], proxy: str, rungs: list[str]) -> dict:
     designs at the lower ones and to rank the complete ones at the last: the signal whose worst τ
     over the rungs is highest (a tie goes to the higher mean over the rungs)."""
     fixed = max((t for t in table if t["length"] == proxy), key=_tau)
-    per_signal = {}
+    by_rung: dict[str, dict[str, dict]] = {}  # signal -> rung -> its row
     for t in table:
         if t["length"] in rungs:
-            per_signal.setdefault(t["signal"], []).append(_tau(t))
-    asha = max(per_signal, key=lambda s: (min(per_signal[s]), statistics.mean(per_signal[s])))
+            by_rung.setdefault(t["signal"], {})[t["length"]] = t
+    taus = {s: [_tau(rows[r]) if r in rows else -2.0 for r in rungs] for s, rows in by_rung.items()}
+    asha = max(taus, key=lambda s: (min(taus[s]), statistics.mean(taus[s])))
     return {"fixed": {"signal": fixed["signal"], "kendall_tau": fixed["kendall_tau"], "at": proxy},
-            "asha": {"signal": asha, "worst_rung_kendall_tau": min(per_signal[asha]),
-                     "kendall_tau_by_rung": dict(zip(rungs, per_signal[asha]))}}
+            "asha": {"signal": asha, "worst_rung_kendall_tau": min(by_rung[asha][r]["kendall_tau"] for r in rungs),
+                     "kendall_tau_by_rung": {r: by_rung[asha][r]["kendall_tau"] for r in rungs}}}
 
 
 def _train_all(plan: list, corpus, threads: int, jobs: int) -> None:

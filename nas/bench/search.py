@@ -160,7 +160,8 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
     for fidelity, row in out.items():
         if "best_arch" in row:
             arch = ArchConfig.from_dict(row.pop("best_arch"))
-            run = runs.setdefault(run_key(arch, ref), results / f"reference-{fidelity}")
+            # named by the timed length too: the directory is shared by every --fidelity-minutes
+            run = runs.setdefault(run_key(arch, ref), results / f"reference-{fidelity}-{minutes:g}min")
             # a finished run is read back, a cut one resumes
             m = _read(run / "metrics.json") or train(arch, ref, resolve_data(data), run, progress=False)
             test = m["test"]

@@ -228,8 +228,8 @@ def fidelity_section(f: Fidelity, signal: Signal, png: str | None) -> str:
     """Does the proxy rank designs as full training does? Kendall τ and Spearman ρ."""
     n = len(f.rows)
     if not f.measured:
-        why = "no design has been retrained in full" if not n else \
-            f"only {n} design{'s were' if n > 1 else ' was'} retrained in full"
+        why = "no design with a final proxy value has been retrained in full" if not n else \
+            f"only {n} design{'s' if n > 1 else ''} with a final proxy value {'were' if n > 1 else 'was'} retrained in full"
         return _section("Proxy fidelity", f"Not measured: {why}; rank correlations need at least "
                                           f"{MIN_ROWS_FOR_FIDELITY}.")
     undefined = math.isnan(f.tau) or math.isnan(f.rho)
