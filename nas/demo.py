@@ -49,7 +49,7 @@ SCALES = {
     # The reference study, results/paper-1m: 48 designs of the paper's space at 1M under the search's
     # defaults of 2026-11-29 (named here, so that a later default never stops the study resuming),
     # the top 3 front designs and both baselines retrained in full, the best searched design and
-    # the baselines with 3 seeds. Hours on 2 cores (the README has the wall time).
+    # the baselines with 3 seeds. Hours on 2 cores (the README gives the wall time once measured).
     "paper-1m": Scale("paper.yaml", "1M", 48, "proxy", "full", 3, 3, "synth", "asha", "loss"),
 }
 

@@ -352,6 +352,16 @@ def test_the_card_describes_the_sharing(shared_export):
     assert sharing_in_words(SHARED) in card and layer_map(SHARED) in card
 
 
+def test_a_baseline_is_not_called_found_by_the_search(plain_export):
+    # The demo exports the retrained design with the lowest dev WER, which can be a baseline.
+    from nas.model_card import model_card
+    prov = json.loads((plain_export / "arch.json").read_text())["provenance"]
+    searched = model_card("x", PLAIN, prov, 1)
+    baseline = model_card("x", PLAIN, prov | {"label": "unshared"}, 1)
+    assert "found by `nas`" in searched and "labelled" not in searched
+    assert "found by" not in baseline and "its design labelled `unshared`, named by hand" in baseline
+
+
 def test_transcribe_is_greedy_decoding_of_the_model(plain_export, plain_run, wav):
     model = ConformerCTC.load(PLAIN, plain_run / "model.safetensors").eval()
     with torch.no_grad():
