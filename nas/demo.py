@@ -3,16 +3,23 @@
 ``nas demo`` runs it on the embedded corpus at a tiny-device budget; CI runs the same pipeline
 on a tiny scale (``nas demo --scale ci``), so the main job cannot silently break, and the
 reference study is the same pipeline at the paper's sharing space and 1M (``--scale paper-1m``,
-hours). Every stage resumes: running the command again continues where it stopped.
+hours). Every stage resumes: running the command again continues where it stopped. Each run of
+the command is a sitting, and ``<results>/<study>/timing.json`` keeps every sitting's wall time per
+stage, so a study finished over several sittings still has its wall time: their sum.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from nas.budget import parse_budget
+from nas.errors import UserError
+from nas.files import atomic_write, read_json
 from nas.space import load_space
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -66,24 +73,64 @@ def run(scale: str = "demo", results: Path = Path("results"), study: str = "demo
     space = load_space(SPACES / s.space)
     budget = parse_budget(s.budget)
     out = results / study
-    t0 = time.monotonic()
-    stage = _stages(t0)
-    stage("search")
-    st = run_search(SearchSettings(space=space, budget=budget, trials=s.trials, workers=workers,
-                                   study=study, data=data or s.data, proxy=s.proxy, results=results, address=address,
-                                   fidelity=s.fidelity, objectives=(s.objective, "bytes") if s.objective else None))
-    stage("retrain")
-    rows = retrain(st, out, s.top, s.retrain, workers, 1, address=address, seeds=s.seeds)
-    stage("report")
-    report = write_report(st, out, budget.max_bytes, budget.dtype, retrained=rows)
-    stage("export")
-    arch, run_dir, provenance = choose_for_export(st, out, None, best_under=budget)
-    write_export(out / "export", arch, run_dir, provenance, force=True)
-    stage(f"done in {(time.monotonic() - t0) / 60:.1f} min: report {report}, export {out / 'export'}")
+    out.mkdir(parents=True, exist_ok=True)
+    stage = _Sitting(out / "timing.json", scale, workers)
+    try:
+        stage("search")
+        st = run_search(SearchSettings(space=space, budget=budget, trials=s.trials, workers=workers, study=study,
+                                       data=data or s.data, proxy=s.proxy, results=results, address=address,
+                                       fidelity=s.fidelity,
+                                       objectives=(s.objective, "bytes") if s.objective else None))
+        stage("retrain")
+        rows = retrain(st, out, s.top, s.retrain, workers, 1, address=address, seeds=s.seeds)
+        stage("report")
+        report = write_report(st, out, budget.max_bytes, budget.dtype, retrained=rows)
+        stage("export")
+        arch, run_dir, provenance = choose_for_export(st, out, None, best_under=budget)
+        write_export(out / "export", arch, run_dir, provenance, force=True)
+        stage.finished = True
+    finally:  # a sitting cut short still counts the time its last stage ran
+        total, sittings = stage.close()
+    minutes = stage.elapsed() / 60
+    print(f"== [{minutes:5.1f} min] done in {minutes:.1f} min ({total / 60:.1f} min over {sittings} sitting"
+          f"{'s' if sittings > 1 else ''}, {stage.path}): report {report}, export {out / 'export'}", flush=True)
     return provenance
 
 
-def _stages(t0: float):
-    def stage(name: str) -> None:
-        print(f"== [{(time.monotonic() - t0) / 60:5.1f} min] {name}", flush=True)
-    return stage
+class _Sitting:
+    """Prints each stage as it starts, and keeps this run's wall time per stage in ``path`` beside
+    those of the runs before it (written as each stage ends, so a run that is stopped keeps what
+    it did)."""
+
+    def __init__(self, path: Path, scale: str, workers: int):
+        self.path, self.t0, self.current, self.finished = path, time.monotonic(), None, False
+        self.doc = read_json(path, "timing file") if path.is_file() else {"sittings": []}
+        if not isinstance(self.doc, dict) or not isinstance(self.doc.get("sittings"), list):
+            raise UserError(path, "sittings", "expected a list of sittings (delete the file to start it anew)")
+        self.sitting = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "scale": scale,
+                        "workers": workers, "cpus": os.cpu_count(), "stages": {}, "finished": False}
+        self.doc["sittings"].append(self.sitting)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, name: str) -> None:
+        self._close()
+        self.current, self.started = name, time.monotonic()
+        print(f"== [{self.elapsed() / 60:5.1f} min] {name}", flush=True)
+
+    def close(self) -> tuple[float, int]:
+        """Ends the last stage; the wall time over all sittings, and how many there were."""
+        self._close()
+        self.sitting["finished"] = self.finished
+        self._write()
+        return sum(sum(s["stages"].values()) for s in self.doc["sittings"]), len(self.doc["sittings"])
+
+    def _close(self) -> None:
+        if self.current is not None:
+            self.sitting["stages"][self.current] = round(time.monotonic() - self.started, 1)
+            self._write()
+        self.current = None
+
+    def _write(self) -> None:
+        atomic_write(self.path, json.dumps(self.doc, indent=2) + "\n")

@@ -40,3 +40,17 @@ def test_the_main_job_runs_end_to_end_at_ci_scale(tmp_path):
     assert exported["provenance"]["full_dev_wer"] is not None
     for name in ("model.safetensors", "model.onnx", "tokenizer.model", "README.md"):
         assert (out / "export" / name).is_file()
+    # Each run of the command is a sitting with its wall time per stage; run again, every stage
+    # resumes, and the study's wall time is the sum over sittings.
+    first = json.loads((out / "timing.json").read_text())["sittings"]
+    assert len(first) == 1 and first[0]["finished"] and first[0]["scale"] == "ci"
+    assert list(first[0]["stages"]) == ["search", "retrain", "report", "export"]
+    assert all(v > 0 for v in first[0]["stages"].values())
+    again = subprocess.run([sys.executable, "-m", "nas.cli", "demo", "--scale", "ci", "--results", str(tmp_path)],
+                           env=os.environ | env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    sittings = json.loads((out / "timing.json").read_text())["sittings"]
+    assert len(sittings) == 2 and sittings[0] == first[0] and sittings[1]["finished"]
+    assert json.loads((out / "retrained.json").read_text()) == rows  # nothing was trained again
+    total = sum(sum(s["stages"].values()) for s in sittings)
+    assert f"({total / 60:.1f} min over 2 sittings" in again.stdout
