@@ -15,12 +15,14 @@ it reached (then its ratio is at least ``cap``), or at its own end.
 Both recipes run on today's trainer code, so what the code itself gained (a fused optimizer step,
 a padding fix) helps the old recipe too and is not in the ratio. The residual branches' initial
 scale is part of the recipe (``branch_init_gain``): ``full-v1`` keeps ``nn.Linear``'s. Each run lives in
-``results/bench-learn/<design>-<schedule>/`` and resumes from its checkpoint: the benchmark can be
-finished over several sittings by running it again.
+``results/bench-learn/<design>-<schedule>-<key>/`` and resumes from its checkpoint: the benchmark can
+be finished over several sittings by running it again. The key hashes the design, the schedule's
+fields and the data, so a changed recipe trains anew instead of reading back a run of the old one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
             s = load_schedule(recipe)
             s = s.model_copy(update={"eval_every": max(1, round(eval_audio_s * 100 / s.batch_frames)),
                                      "eval_utterances": eval_utterances})
-            out = Path(results) / f"{design}-{recipe}"
+            out = Path(results) / f"{design}-{s.name}-{_key(arch, s, data)}"
             done = out / "metrics.json"
             stop = None
             if recipe != new:
@@ -69,14 +71,26 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
             row[recipe] = _summary(m)
         for target in TARGETS:
             old_s, new_s = (row[r][f"train_s_to_cer_{target:.2f}"] for r in (reference, new))
-            if old_s and new_s:
-                row[f"speedup_to_cer_{target:.2f}"] = round(old_s / new_s, 2)
-            elif new_s:  # the reference stopped (at its cap, or its end) before reaching it
-                row[f"speedup_to_cer_{target:.2f}"] = f"> {row[reference]['train_s'] / new_s:.2f}"
-            else:
-                row[f"speedup_to_cer_{target:.2f}"] = None
+            row[f"speedup_to_cer_{target:.2f}"] = speedup(old_s, new_s, row[reference]["train_s"])
         figures[design] = row
     return figures
+
+
+def _key(arch, schedule, data: str) -> str:
+    from nas.workers import run_key
+
+    return hashlib.sha256(f"{run_key(arch, schedule)} {data}".encode()).hexdigest()[:8]
+
+
+def speedup(old_s: float | None, new_s: float | None, old_trained_s: float | None) -> float | str | None:
+    """How many times sooner the new recipe reached a target: a ratio when both reached it; a lower
+    bound (``"> x"``) when only the new one did, the reference having stopped (at its cap or its
+    end) after ``old_trained_s``; None when the new recipe did not reach it."""
+    if old_s and new_s:
+        return round(old_s / new_s, 2)
+    if new_s and old_trained_s:
+        return f"> {old_trained_s / new_s:.2f}"
+    return None
 
 
 def time_to(curve: list[dict], target: float) -> float | None:

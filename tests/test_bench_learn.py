@@ -1,0 +1,59 @@
+"""`nas bench learn` on a tiny scale: both recipes train, the ratio follows the curves, a rerun reads
+the runs back, and a changed recipe trains anew instead of reading back the old recipe's run."""
+
+import json
+
+import yaml
+
+from nas.bench.learn import TARGETS, bench_learn, speedup, time_to
+from nas.schedule import load_schedule
+
+
+def test_time_to_is_the_first_evaluation_at_or_below_the_target():
+    curve = [{"train_s": 10.0, "dev_cer": 0.9}, {"train_s": 20.0, "dev_cer": 0.3}, {"train_s": 30.0, "dev_cer": 0.2}]
+    assert time_to(curve, 0.30) == 20.0 and time_to(curve, 0.25) == 30.0 and time_to(curve, 0.1) is None
+
+
+def test_the_speedup_is_a_ratio_or_a_lower_bound_when_the_reference_stopped_short():
+    assert speedup(329.2, 100.7, 1082.1) == 3.27
+    assert speedup(None, 457.7, 1082.1) == "> 2.36"  # the committed figures of 2026-11-27
+    assert speedup(329.2, None, 1082.1) is None and speedup(None, None, 1082.1) is None
+
+
+def _recipe(path, name, **change):
+    doc = load_schedule("tiny").model_dump(mode="json") | {"name": name} | change
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_both_recipes_train_and_a_changed_recipe_trains_anew(tmp_path, tiny_corpus_dir):
+    data = f"manifest:{tiny_corpus_dir}"
+    old, new = _recipe(tmp_path / "old.yaml", "old"), _recipe(tmp_path / "new.yaml", "new", peak_lr=6e-3)
+    kw = dict(results=tmp_path / "runs", designs=("unshared",), budget="100K", eval_audio_s=60,
+              eval_utterances=8, threads=1)
+    figures = bench_learn(recipes=((old, data), (new, data)), **kw)
+    row = figures["unshared"]
+    assert row["params"] == 99_696  # the 100K unshared baseline of paper.yaml
+    runs = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "runs").iterdir()}
+    assert set(runs) == {"unshared-old", "unshared-new"}
+    # The new recipe runs to its end and is scored on test, with beam search and greedy alike.
+    metrics = json.loads((runs["unshared-new"] / "metrics.json").read_text())
+    assert row[new]["steps"] == 12 and row[new]["test_wer"] == round(metrics["test"]["wer"], 4)
+    assert len(metrics["curve"]) == 6  # every 60 s of audio: 2 steps of 30 s batches
+    assert row[new]["train_s"] == metrics["curve"][-1]["train_s"]
+    for target in TARGETS:
+        t_old, t_new = row[old][f"train_s_to_cer_{target:.2f}"], row[new][f"train_s_to_cer_{target:.2f}"]
+        assert row[f"speedup_to_cer_{target:.2f}"] == speedup(t_old, t_new, row[old]["train_s"])
+
+    # Run again: both runs are read back, not trained again.
+    stamps = {k: (p / "metrics.json").stat().st_mtime_ns for k, p in runs.items()}
+    assert bench_learn(recipes=((old, data), (new, data)), **kw) == figures
+    assert {k: (p / "metrics.json").stat().st_mtime_ns for k, p in runs.items()} == stamps
+
+    # Change the new recipe under the same name: it trains into a directory of its own, and the
+    # old recipe's run is still read back.
+    _recipe(tmp_path / "new.yaml", "new", peak_lr=4e-3)
+    bench_learn(recipes=((old, data), (new, data)), **kw)
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "runs").iterdir())
+    assert names == ["unshared-new", "unshared-new", "unshared-old"]
+    assert (runs["unshared-old"] / "metrics.json").stat().st_mtime_ns == stamps["unshared-old"]
