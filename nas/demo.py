@@ -14,7 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from nas.budget import parse_budget
@@ -107,7 +107,7 @@ class _Sitting:
         self.doc = read_json(path, "timing file") if path.is_file() else {"sittings": []}
         if not isinstance(self.doc, dict) or not isinstance(self.doc.get("sittings"), list):
             raise UserError(path, "sittings", "expected a list of sittings (delete the file to start it anew)")
-        self.sitting = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "scale": scale,
+        self.sitting = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "scale": scale,
                         "workers": workers, "cpus": os.cpu_count(), "stages": {}, "finished": False}
         self.doc["sittings"].append(self.sitting)
 

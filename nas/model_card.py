@@ -41,8 +41,8 @@ def model_card(name: str, arch: ArchConfig, prov: dict, onnx_size: int) -> str:
     given = [(k, json.dumps(v)) for k, v in prov.items() if k not in shown and "wer" not in k.lower()]
     given += [(f"run {k}", str(v)) for k, v in run.items() if not k.endswith(("_wer", "_cer"))]
     return _card_template().render(
-        name=name, label=prov.get("label"), sharing=sharing_in_words(arch), layer_map=layer_map(arch), enc=arch.encoder,
-        frontend=arch.frontend, vocab=arch.vocab_size, sizes=sizes, wers=wers, provenance=given,
+        name=name, label=prov.get("label"), sharing=sharing_in_words(arch), layer_map=layer_map(arch),
+        enc=arch.encoder, frontend=arch.frontend, vocab=arch.vocab_size, sizes=sizes, wers=wers, provenance=given,
         feat=prov["features"], tokenizer_sha256=prov["tokenizer_sha256"], dtype=dtype,
         storage=_storage_text(dtype, prov.get("quantization")), decoding=_decoding_text(prov.get("decoder")),
         has_lm=bool(prov.get("decoder")), deployment=_deployment_rows(prov.get("deployment"), dtype, prov),

@@ -29,8 +29,8 @@ def _recipe(path, name, **change):
 def test_both_recipes_train_and_a_changed_recipe_trains_anew(tmp_path, tiny_corpus_dir):
     data = f"manifest:{tiny_corpus_dir}"
     old, new = _recipe(tmp_path / "old.yaml", "old"), _recipe(tmp_path / "new.yaml", "new", peak_lr=6e-3)
-    kw = dict(results=tmp_path / "runs", designs=("unshared",), budget="100K", eval_audio_s=60,
-              eval_utterances=8, threads=1)
+    kw = {"results": tmp_path / "runs", "designs": ("unshared",), "budget": "100K", "eval_audio_s": 60,
+          "eval_utterances": 8, "threads": 1}
     figures = bench_learn(recipes=((old, data), (new, data)), **kw)
     row = figures["unshared"]
     assert row["params"] == 99_696  # the 100K unshared baseline of paper.yaml
