@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from nas.bench.learn import TARGETS, bench_learn, speedup, time_to
+from nas.bench.learn import bench_learn, speedup, time_to
 from nas.schedule import load_schedule
 
 
@@ -28,22 +28,30 @@ def _recipe(path, name, **change):
 
 def test_both_recipes_train_and_a_changed_recipe_trains_anew(tmp_path, tiny_corpus_dir):
     data = f"manifest:{tiny_corpus_dir}"
-    old, new = _recipe(tmp_path / "old.yaml", "old"), _recipe(tmp_path / "new.yaml", "new", peak_lr=6e-3)
+    old = _recipe(tmp_path / "old.yaml", "old")
+    new = _recipe(tmp_path / "new.yaml", "new", peak_lr=6e-3, decode="beam")
+    # Targets a tiny run can meet: any CER is at most 10, so both recipes reach it at their first
+    # evaluation and the ratio is a real number; none reaches 0, so that one has no ratio.
     kw = {"results": tmp_path / "runs", "designs": ("unshared",), "budget": "100K", "eval_audio_s": 60,
-          "eval_utterances": 8, "threads": 1}
+          "eval_utterances": 8, "threads": 1, "targets": (10.0, 0.0)}
     figures = bench_learn(recipes=((old, data), (new, data)), **kw)
     row = figures["unshared"]
     assert row["params"] == 99_696  # the 100K unshared baseline of paper.yaml
     runs = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "runs").iterdir()}
     assert set(runs) == {"unshared-old", "unshared-new"}
-    # The new recipe runs to its end and is scored on test, with beam search and greedy alike.
-    metrics = json.loads((runs["unshared-new"] / "metrics.json").read_text())
-    assert row[new]["steps"] == 12 and row[new]["test_wer"] == round(metrics["test"]["wer"], 4)
-    assert len(metrics["curve"]) == 6  # every 60 s of audio: 2 steps of 30 s batches
-    assert row[new]["train_s"] == metrics["curve"][-1]["train_s"]
-    for target in TARGETS:
-        t_old, t_new = row[old][f"train_s_to_cer_{target:.2f}"], row[new][f"train_s_to_cer_{target:.2f}"]
-        assert row[f"speedup_to_cer_{target:.2f}"] == speedup(t_old, t_new, row[old]["train_s"])
+    curves = {r: json.loads((runs[f"unshared-{name}"] / "metrics.json").read_text())
+              for r, name in ((old, "old"), (new, "new"))}
+    # The new recipe runs to its end and is scored on test, greedy and with beam search + LM.
+    m = curves[new]
+    assert row[new]["steps"] == 12 and len(m["curve"]) == 6  # every 60 s of audio: 2 steps of 30 s batches
+    assert (row[new]["test_wer"], row[new]["test_beam_wer"]) == (round(m["test"]["wer"], 4),
+                                                                 round(m["test"]["beam_wer"], 4))
+    # The times are read off each run's own curve, and the ratio is theirs.
+    for r in (old, new):
+        assert row[r]["train_s_to_cer_10.00"] == curves[r]["curve"][0]["train_s"] > 0
+        assert row[r]["train_s_to_cer_0.00"] is None
+    assert row["speedup_to_cer_10.00"] == round(row[old]["train_s_to_cer_10.00"] / row[new]["train_s_to_cer_10.00"], 2)
+    assert row["speedup_to_cer_0.00"] is None
 
     # Run again: both runs are read back, not trained again.
     stamps = {k: (p / "metrics.json").stat().st_mtime_ns for k, p in runs.items()}
@@ -52,7 +60,7 @@ def test_both_recipes_train_and_a_changed_recipe_trains_anew(tmp_path, tiny_corp
 
     # Change the new recipe under the same name: it trains into a directory of its own, and the
     # old recipe's run is still read back.
-    _recipe(tmp_path / "new.yaml", "new", peak_lr=4e-3)
+    _recipe(tmp_path / "new.yaml", "new", peak_lr=4e-3, decode="beam")
     bench_learn(recipes=((old, data), (new, data)), **kw)
     names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "runs").iterdir())
     assert names == ["unshared-new", "unshared-new", "unshared-old"]

@@ -33,7 +33,8 @@ SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "paper.yaml"
 
 def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str, ...] = ("unshared", "paper"),
                 recipes: tuple[tuple[str, str], ...] = RECIPES, budget: str = "1M", cap: float = 5.0,
-                eval_audio_s: float = 3000, eval_utterances: int = 100, threads: int = 2) -> dict:
+                eval_audio_s: float = 3000, eval_utterances: int = 100, threads: int = 2,
+                targets: tuple[float, ...] = TARGETS) -> dict:
     from nas.baselines import baselines
     from nas.budget import count, parse_budget
     from nas.data.corpus import resolve_data
@@ -58,18 +59,18 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
             done = out / "metrics.json"
             stop = None
             if recipe != new:
-                reached = [t for t in (time_to(runs[new]["curve"], x) for x in TARGETS) if t]
+                reached = [t for t in (time_to(runs[new]["curve"], x) for x in targets) if t]
                 limit = cap * max(reached) if reached else None
-                stop = lambda step, p, limit=limit: (p["dev_cer"] <= min(TARGETS) or  # noqa: E731
+                stop = lambda step, p, limit=limit: (p["dev_cer"] <= min(targets) or  # noqa: E731
                                                      (limit is not None and p["train_s"] > limit))
             m = json.loads(done.read_text()) if done.is_file() else train(
                 arch, s, resolve_data(data), out, threads=threads, callback=stop)
             runs[recipe] = m
-            print(f"  {design} {recipe} on {data}: {_line(m)}", flush=True)
+            print(f"  {design} {recipe} on {data}: {_line(m, targets)}", flush=True)
         row = {"params": count(arch).physical, "virtual_layers": arch.encoder.n_layers}
         for recipe, m in runs.items():
-            row[recipe] = _summary(m)
-        for target in TARGETS:
+            row[recipe] = _summary(m, targets)
+        for target in targets:
             old_s, new_s = (row[r][f"train_s_to_cer_{target:.2f}"] for r in (reference, new))
             row[f"speedup_to_cer_{target:.2f}"] = speedup(old_s, new_s, row[reference]["train_s"])
         figures[design] = row
@@ -98,8 +99,8 @@ def time_to(curve: list[dict], target: float) -> float | None:
     return next((p["train_s"] for p in curve if p["dev_cer"] <= target), None)
 
 
-def _summary(m: dict) -> dict:
-    out = {f"train_s_to_cer_{t:.2f}": time_to(m["curve"], t) for t in TARGETS}
+def _summary(m: dict, targets: tuple[float, ...]) -> dict:
+    out = {f"train_s_to_cer_{t:.2f}": time_to(m["curve"], t) for t in targets}
     out["train_s"] = m["curve"][-1]["train_s"] if m["curve"] else None
     out["steps"] = m["steps"]
     for split in ("dev", "test"):
@@ -109,6 +110,6 @@ def _summary(m: dict) -> dict:
     return out
 
 
-def _line(m: dict) -> str:
-    s = _summary(m)
+def _line(m: dict, targets: tuple[float, ...]) -> str:
+    s = _summary(m, targets)
     return ", ".join(f"{k} {v}" for k, v in s.items())
