@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,10 @@ def test_the_main_job_runs_end_to_end_at_ci_scale(tmp_path):
     assert headline["searched"] and seeds[headline["searched"]["trial"]] == {0, 1}
     for label in ("unshared", "paper"):
         assert headline["baselines"][label]["seeds"] == [0, 1]
-    assert headline["verdict"] in ("nothing learned", "within noise", "yes", "no")
+    # At this scale no design learns to spell a word (every test WER is at least 100%), and the
+    # verdict must say so rather than rank noise.
+    means = [headline["searched"]["test_wer_mean"], *(b["test_wer_mean"] for b in headline["baselines"].values())]
+    assert min(means) >= 1.0 and headline["verdict"] == "nothing learned"
     exported = json.loads((out / "export" / "arch.json").read_text())
     assert ArchConfig.load(out / "export" / "arch.json") == ArchConfig.from_dict(exported["arch"])
     assert exported["provenance"]["full_dev_wer"] is not None
@@ -46,11 +50,15 @@ def test_the_main_job_runs_end_to_end_at_ci_scale(tmp_path):
     assert len(first) == 1 and first[0]["finished"] and first[0]["scale"] == "ci"
     assert list(first[0]["stages"]) == ["search", "retrain", "report", "export"]
     assert all(v > 0 for v in first[0]["stages"].values())
+    trained = [Path(r["run_dir"]) / name for r in rows for name in ("metrics.json", "model.safetensors")]
+    stamps = [p.stat().st_mtime_ns for p in trained]
     again = subprocess.run([sys.executable, "-m", "nas.cli", "demo", "--scale", "ci", "--results", str(tmp_path)],
                            env=os.environ | env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     sittings = json.loads((out / "timing.json").read_text())["sittings"]
     assert len(sittings) == 2 and sittings[0] == first[0] and sittings[1]["finished"]
-    assert json.loads((out / "retrained.json").read_text()) == rows  # nothing was trained again
+    # Nothing was trained again: every retrained model and its metrics are the first sitting's files.
+    assert json.loads((out / "retrained.json").read_text()) == rows
+    assert [p.stat().st_mtime_ns for p in trained] == stamps
     total = sum(sum(s["stages"].values()) for s in sittings)
     assert f"({total / 60:.1f} min over 2 sittings" in again.stdout
