@@ -3,7 +3,7 @@
 import pytest
 
 from nas.config import ArchConfig
-from nas.describe import layer_map, sharing_in_words
+from nas.describe import layer_map, sharing_in_words, sharing_levels
 
 
 def arch(n_layers: int, **sharing) -> ArchConfig:
@@ -65,3 +65,23 @@ def test_layer_map_uses_numbers_past_26_ids():
     assert layer_map(design) == f"blocks {ids} | ffn {ids} | attn {ids} | conv {' '.join(['0'] * 28)}"
     words = "28 virtual layers on 27 stored blocks (cycle); one convolution module for all layers"
     assert sharing_in_words(design) == words
+
+
+# The levels each case above uses, read off its config by hand: repeated blocks (fewer stored
+# blocks than layers), modules shared among blocks (fewer instances of a kind than stored blocks),
+# any tie, any low-rank family.
+LEVELS_OF = {"plain": (), "paper-like": ("blocks", "modules", "ties", "low rank"), "cycle_rev": ("blocks",),
+             "explicit": ("blocks", "modules", "ties", "low rank"),
+             "merged-modules": ("blocks", "modules", "ties", "low rank"), "one-block": ("blocks",),
+             "low-rank-only": ("low rank",), "pattern-without-effect": ()}
+
+
+@pytest.mark.parametrize(("design", "levels"), [pytest.param(c.values[0], LEVELS_OF[c.id], id=c.id) for c in CASES])
+def test_sharing_levels(design, levels):
+    assert sharing_levels(design) == levels
+
+
+def test_as_many_module_instances_as_blocks_is_not_module_sharing():
+    design = arch(6, blocks={"pattern": "cycle", "n": 3}, modules={"conv": {"pattern": "cycle", "n": 3}},
+                  ties={"conv_glu": True})
+    assert sharing_levels(design) == ("blocks", "ties")
