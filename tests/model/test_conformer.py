@@ -113,14 +113,21 @@ def test_changing_a_shared_tensor_changes_every_layer_that_uses_it():
     def record(_module, _inp, out):
         outputs.append(out.detach().clone())
 
+    def conv_outputs() -> list[torch.Tensor]:  # each virtual layer's conv output, running the layers in turn
+        outputs.clear()
+        h = x
+        for layer in model.layers:
+            h = layer(h, None)
+        return list(outputs)
+
     hooks = [layer.conv.register_forward_hook(record) for layer in model.layers]
     with torch.no_grad():
-        model.layers[0](x, None)
-        before = [layer.conv(x) for layer in model.layers]
+        before = conv_outputs()
         conv_weight.add_(0.1)
-        after = [layer.conv(x) for layer in model.layers]
+        after = conv_outputs()
     for h in hooks:
         h.remove()
+    assert len(before) == len(after) == 4  # one conv call per virtual layer
     for b, a in zip(before, after):
         assert not torch.allclose(b, a)
     # The basis U of the low-rank feed-forward input is shared by all four layers' both halves' ffn1.
