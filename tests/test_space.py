@@ -5,6 +5,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from nas.budget import count
 from nas.errors import UserError
@@ -41,12 +42,20 @@ def test_values_realize_a_design_with_conditional_knobs():
 
 def test_optuna_samples_only_active_knobs():
     space = load_space(PAPER)
+    knobs = yaml.safe_load(Path(PAPER).read_text())["knobs"]
+    conditional = {k: v for k, v in knobs.items()
+                   if isinstance(v, dict) and "when" in v and ("choice" in v or "int" in v)}
+    assert len(conditional) >= 10
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(30):
         trial = study.ask()
         arch = space.sample(trial)
-        if not trial.params["$lr_attn"]:
-            assert "sharing.low_rank.attn_qkv.rank" not in trial.params
+        # Every sampled knob with a `when` (read from the file itself) is a parameter of the trial
+        # exactly when each knob it names holds one of the listed values.
+        for name, spec in conditional.items():
+            holds = all(trial.params.get(k, object()) in (v if isinstance(v, list) else [v])
+                        for k, v in spec["when"].items())
+            assert (name in trial.params) == holds, (name, trial.params)
         assert arch.encoder.n_layers == trial.params["$blocks"] * trial.params["$repeats"]
         assert count(arch).physical > 0
         study.tell(trial, 0.0)
