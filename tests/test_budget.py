@@ -23,8 +23,12 @@ def test_arithmetic_count_equals_unique_parameters_of_the_built_model(arch):
     unique = {id(p): p.numel() for p in model.parameters()}
     assert c.physical == sum(unique.values())
     assert c.buffers == sum(b.numel() for b in {id(b): b for b in model.buffers()}.values())
-    for dtype, size in DTYPE_BYTES.items():
-        assert c.bytes(dtype) == c.physical * size
+    # The bytes of the stored tensors cast to each dtype, as the model holds them: each shared tensor once.
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+    assert set(torch_dtypes) == set(DTYPE_BYTES)
+    unique_tensors = {id(p): p for p in model.parameters()}.values()
+    for dtype, t in torch_dtypes.items():
+        assert c.bytes(dtype) == sum(p.detach().to(t).nbytes for p in unique_tensors)
     assert c.virtual >= c.physical
 
 
