@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
-from nas.budget import parse_budget
+from nas.budget import macs_per_second, parse_budget
 from nas.errors import UserError
 from nas.files import atomic_write
 from nas.pareto import front
@@ -81,6 +81,9 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
 
     def run(pairs: list[tuple[TrialRecord, Job]], what: str) -> None:
         todo = [j for _, j in pairs if not (j.run_dir / "metrics.json").is_file()]
+        # Longest first (by MACs per second of audio, which training time follows), so that no
+        # worker is left alone with a long run at the end while the others wait idle.
+        todo.sort(key=lambda j: macs_per_second(j.arch), reverse=True)
         print(f"retraining {len(todo)} of {len(pairs)} {what} with the {schedule} schedule "
               f"({len(pairs) - len(todo)} already done); {workers} workers x {cpus_per_trial} CPU", flush=True)
         if todo:
@@ -89,8 +92,13 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
                 run_on_ray(out, f"retrain-{study.study_name}", workers, cpus_per_trial, jobs=todo,
                            on_end=lambda job: bar.update(1), gpus_per_trial=gpus_per_trial)
 
+    more_seeds = range(recipe.seed + 1, recipe.seed + seeds)
     pairs = jobs_for(chosen, recipe.seed)
-    run(pairs, "designs")
+    # The baselines' further seeds do not depend on which searched design is best, so they train
+    # beside the first seeds; only the best searched design's further seeds wait for those.
+    baselines = [r for r in chosen if r.label in BASELINES]
+    early = [pair for seed in more_seeds for pair in jobs_for(baselines, seed)]
+    run(pairs + early, "designs" + (f", and the baselines with {seeds - 1} more seeds" if early else ""))
     rows = [_row(r, j, schedule) for r, j in pairs]
     if seeds > 1:
         budget = parse_budget(settings["budget"])
@@ -98,7 +106,7 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
                     and row["bytes_by_dtype"][budget.dtype] <= budget.max_bytes]
         best = min(searched, key=lambda row: row["full_dev_wer"])["number"] if searched else None
         again = [r for r in chosen if r.number == best or r.label in BASELINES]
-        more = [pair for seed in range(recipe.seed + 1, recipe.seed + seeds) for pair in jobs_for(again, seed)]
+        more = [pair for seed in more_seeds for pair in jobs_for(again, seed)]
         run(more, f"runs of {len(again)} designs with {seeds - 1} more seeds")
         rows += [_row(r, j, schedule) for r, j in more]
     atomic_write(out / "retrained.json", json.dumps(rows, indent=2) + "\n")
