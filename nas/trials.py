@@ -53,7 +53,10 @@ def state_of(t: FrozenTrial, retried: set[int]) -> str:
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
-    return {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    """Every trial that a later trial ran again. A design interrupted twice is a chain (15 retried
+    as 17, 17 as 19): 19's history is [15, 17], while its ``retried_trial_number`` names 15 alone,
+    so reading that would leave 17 a "failed" trial that counts as done."""
+    return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
 
 
 @dataclass(frozen=True)

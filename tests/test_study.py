@@ -131,3 +131,26 @@ def test_a_new_study_ranks_by_its_fidelitys_signal_and_a_resumed_one_by_what_it_
     study_in(tmp_path)  # started with wer,bytes: a default changed since must not stop it resuming
     assert objectives_for(storage, "s", "asha", None) == ("wer", "bytes") != (BEST_SIGNAL["asha"], "bytes")
     assert objectives_for(storage, "s", "asha", ("cer", "bytes")) == ("cer", "bytes")  # named: open_study refuses it
+
+
+def test_a_design_interrupted_twice_is_retried_twice_and_never_counts_as_done(tmp_path):
+    """A trial whose driver dies is failed as stale and run again as a new trial; if that one's
+    driver dies too, it is retried again. Both interrupted trials are "retried", not "failed":
+    a failed trial counts toward --trials, and the search would end a design short."""
+    import time
+
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
+                         failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    study = optuna.create_study(storage=storage, directions=["minimize", "minimize"])
+    for _ in range(2):  # the first run, then its retry: each starts, beats once and goes silent
+        trial = study.ask()
+        storage.record_heartbeat(trial._trial_id)
+        time.sleep(2.5)
+        fail_stale_trials(study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert RetryHeartbeatStaleTrialCallback.retry_history(trials[2]) == [0, 1]
+    t = tally(trials)
+    assert (t["retried"], t["failed"], t["waiting"], t.done) == (2, 0, 1, 0)
