@@ -123,6 +123,12 @@ def run_on_ray(out: Path, name: str, workers: int, cpus_per_trial: int, searcher
         tune_config = tune.TuneConfig(max_concurrent_trials=workers)
         param_space = {"job": tune.grid_search(jobs or [])}
     resources = {"cpu": cpus_per_trial} | ({"gpu": gpus_per_trial} if gpus_per_trial else {})
+    # Ray Tune catches Ctrl-C, stops its trials and returns as if the run were done, and nothing
+    # public says that it was interrupted: the search would go on to retrain a half-searched front,
+    # and a timed benchmark would record a part cut short. Let Ctrl-C be a KeyboardInterrupt
+    # instead; everything resumes from Optuna storage and the trials' checkpoints (Tune's own
+    # experiment state, which its handler saves, is never restored here).
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     tune.Tuner(tune.with_resources(trainable, resources), param_space=param_space,
                tune_config=tune_config, run_config=run_config).fit()
 

@@ -66,3 +66,44 @@ def test_the_main_job_runs_end_to_end_at_ci_scale(tmp_path):
     assert [p.stat().st_mtime_ns for p in trained] == stamps
     total = sum(sum(s["stages"].values()) for s in sittings)
     assert f"({total / 60:.1f} min over 2 sittings" in again.stdout
+
+
+def test_ctrl_c_in_the_search_stops_the_main_job_and_the_next_sitting_resumes_it(tmp_path):
+    """Ray Tune would catch Ctrl-C and return as if the search were done, and the demo would go on
+    to retrain a half-searched front. Ctrl-C stops the whole job instead, and the next run of the
+    same command goes on from where it stopped."""
+    import signal
+    import time
+
+    import optuna
+
+    from nas.trials import records, tally
+
+    env = os.environ | {"NAS_CACHE": str(tmp_path / "cache"), "NAS_HEARTBEAT_S": "2", "NAS_GRACE_S": "8"}
+    cmd = [sys.executable, "-m", "nas.cli", "demo", "--scale", "ci", "--results", str(tmp_path)]
+    out = tmp_path / "ci"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # Ctrl-C once a design is done and the search goes on
+        time.sleep(0.5)
+        try:
+            t = tally(records(optuna.load_study(study_name="ci", storage=f"sqlite:///{out / 'study.db'}")))
+        except Exception:  # the study may not exist yet
+            continue
+        if 1 <= t.done < 4:
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "interrupted\n" in stderr, stderr[-2000:]
+    assert "] retrain" not in stdout and not (out / "retrained.json").exists()
+    (sitting,) = json.loads((out / "timing.json").read_text())["sittings"]
+    assert not sitting["finished"] and list(sitting["stages"]) == ["search"]
+    done = tally(records(optuna.load_study(study_name="ci", storage=f"sqlite:///{out / 'study.db'}"))).done
+    assert 1 <= done < 4, "the interrupt did not land mid-search"
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = optuna.load_study(study_name="ci", storage=f"sqlite:///{out / 'study.db'}")
+    assert tally(records(study)).done == 4  # the scale's trials, the interrupted ones retried
+    sittings = json.loads((out / "timing.json").read_text())["sittings"]
+    assert [s["finished"] for s in sittings] == [False, True] and (out / "retrained.json").is_file()
