@@ -100,7 +100,9 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
                 url,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                # Retry a stale trial however often its design was interrupted: the last trial of a
+                # capped chain would be left "failed", which counts as done, and never resumed.
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None),
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {},
             )
         except Exception as exc:  # sqlalchemy raises many types for bad URLs and dead servers

@@ -154,7 +154,8 @@ class Tally:
 
     @property
     def samples(self) -> int:
-        return sum(n for s, n in self.counts.items() if s != "waiting")
+        """Draws from the sampler: a retried trial is the same draw run again, not another one."""
+        return sum(n for s, n in self.counts.items() if s not in ("waiting", "retried"))
 
     @property
     def done(self) -> int:

@@ -143,3 +143,43 @@ def test_a_rung_result_for_a_trial_another_driver_failed_as_stale_stops_it_here(
         assert scheduler.on_trial_result(None, tune_trial, point) == TrialScheduler.STOP
     (t,) = study.get_trials()
     assert t.state == TrialState.FAIL and "curve" not in t.user_attrs
+
+
+def test_a_retried_design_counts_once_in_a_rung_table(tmp_path):
+    """A trial whose driver died is retried as a new trial carrying its curve; the design must
+    enter the rung table once, not once per copy, or a design judged beside it loses places."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from nas.asha import RungScheduler
+    from nas.search import BudgetSearcher, SearchSettings
+    from nas.space import load_space
+    from nas.study import open_storage, open_study
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    record = {"space": "tiny", "budget": "60K", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "tiny"}
+    study = open_study("s", storage, ("wer", "bytes"), "tpe", 0, record)
+    settings = SearchSettings(space=load_space("search_spaces/tiny.yaml"), budget=parse_budget("60K"),
+                              proxy="tiny", results=tmp_path, objectives=("wer", "bytes"))
+    searcher = BudgetSearcher(study, storage, None, settings, None, lambda number: None)
+    try:
+        scheduler = RungScheduler(searcher, load_schedule("tiny"), Rungs((1, 2, 4), eta=2))
+        step = scheduler.rung_steps[0]
+        first = study.ask()
+        for key, value in {"bytes": 1000, "macs_per_second": 1.0,
+                           "curve": [{"step": step, "dev_wer": 0.5, "dev_loss": 1.0}]}.items():
+            first.set_user_attr(key, value)
+        study.tell(first, state=TrialState.FAIL)  # its driver died: failed as stale, and retried
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study.trials[first.number])
+        retry = study.ask()  # the same design, training on
+        assert retry.user_attrs["curve"] == first.user_attrs["curve"]
+        assert [r.state for r in records(study)] == ["retried", "running"]
+        judged = study.ask()  # a design behind it on both objectives: second of 2 at eta 2 goes on
+        judged.set_user_attr("bytes", 2000)
+        judged.set_user_attr("macs_per_second", 1.0)
+        searcher.live["t"] = judged
+        tune_trial = type("TuneTrial", (), {"trial_id": "t"})()
+        point = {"step": step, "dev_wer": 0.9, "dev_loss": 2.0}
+        assert scheduler.on_trial_result(None, tune_trial, point) == TrialScheduler.CONTINUE
+        assert study.trials[judged.number].user_attrs["rungs"] == {"0": "promoted"}
+    finally:
+        searcher.stop()

@@ -154,3 +154,8 @@ def test_a_design_interrupted_twice_is_retried_twice_and_never_counts_as_done(tm
     assert RetryHeartbeatStaleTrialCallback.retry_history(trials[2]) == [0, 1]
     t = tally(trials)
     assert (t["retried"], t["failed"], t["waiting"], t.done) == (2, 0, 1, 0)
+    last = study.ask()  # the third run of the design finishes
+    study.tell(last, [0.5, 1000.0])
+    t = tally(study.get_trials())
+    assert (t["retried"], t["complete"], t.done) == (2, 1, 1)
+    assert t.samples == 1  # one draw from the sampler, run three times: the infeasible share's denominator
