@@ -27,12 +27,17 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
     with pytest.raises(UserError, match="0 of 4 designs have all three runs done"):
         fidelity.bench_fidelity(**args, train=False)
     first = fidelity.bench_fidelity(**args, jobs=2)
-    runs = sorted(p.name for p in (tmp_path / "bench" / "runs").iterdir())
+    # Runs on a corpus other than the default live in a directory named by its spec: another
+    # corpus never reads them back as its own.
+    (runs_dir,) = (tmp_path / "bench").glob("runs-*")
+    with pytest.raises(UserError, match="0 of 4 designs have all three runs done"):
+        fidelity.bench_fidelity(**args | {"data": f"manifest:{tmp_path / 'other'}"}, train=False)
+    runs = sorted(p.name for p in runs_dir.iterdir())
     assert sorted(run.rsplit("-", 1)[0] for run in runs) == sorted(
         f"{label}-{s}" for label in widths for s in ("tiny", "tiny-asha1-2", "tiny-ref"))
     assert len({run.rsplit("-", 1)[1] for run in runs}) == len(runs)  # each recipe its own hash
     for run in runs:
-        m = json.loads((tmp_path / "bench" / "runs" / run / "metrics.json").read_text())
+        m = json.loads((runs_dir / run / "metrics.json").read_text())
         assert m["steps"] == {"tiny": 12, "tiny-asha1-2": 24, "tiny-ref": 36}[run.split("-", 1)[1].rsplit("-", 1)[0]]
         assert ("test" in m) == (m["schedule"] == "tiny-ref")  # only the reference decodes test
     lengths = {row["length"] for row in first["table"]}
@@ -51,7 +56,7 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
     assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)  # nan where WER does not vary
 
     # A sitting cut short: the designs with all three runs done are ranked, and nothing is trained.
-    (unfinished,) = (tmp_path / "bench" / "runs").glob("middle-tiny-ref-*")
+    (unfinished,) = runs_dir.glob("middle-tiny-ref-*")
     (unfinished / "metrics.json").unlink()
     standing = fidelity.bench_fidelity(**args, train=False)
     assert standing["setup"].startswith("3 of 4 designs")

@@ -21,6 +21,7 @@ the benchmark can be finished over several sittings.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -95,7 +96,9 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
 
     base, ref = load_schedule(proxy), load_schedule(reference)
     stretched = Rungs(rungs).schedule(base)
-    runs = Path(results) / "runs"
+    # Runs on the default corpus live in runs/; on any other, in a directory named by its spec's
+    # hash, so that --data never reads back runs trained on other data as its own.
+    runs = Path(results) / ("runs" if data == "synth" else f"runs-{hashlib.sha256(data.encode()).hexdigest()[:8]}")
     designs = load_designs()
     # A run's directory names its recipe's hash too: a change to a schedule (or to a design)
     # trains it anew instead of reading the metrics of the recipe before.
