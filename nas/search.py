@@ -215,7 +215,9 @@ def run_search(s: SearchSettings) -> optuna.Study:
     record = {"space": s.space.name, "budget": s.budget.text, "objectives": list(s.objectives),
               "data": s.data, "proxy": s.proxy, "fidelity": s.fidelity,
               "rungs": list(s.rungs.multiples) if s.fidelity == "asha" else None,
-              "eta": s.rungs.eta if s.fidelity == "asha" else None}
+              "eta": s.rungs.eta if s.fidelity == "asha" else None,
+              # the recipe itself, not only its name: an edited schedule file must not mix into a study
+              "trial_recipe": s.trial_schedule().model_dump(mode="json")}
     seed = None if s.seed is None else s.seed + _n_trials(s.study, storage)  # a resumed run draws anew
     study = open_study(s.study, storage, s.objectives, s.sampler, seed, record)
     for label, arch in (baselines(s.space, s.budget) if s.baselines else []) + enqueued:

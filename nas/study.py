@@ -154,19 +154,31 @@ def objectives_for(storage: RDBStorage, name: str, fidelity: str, named: tuple[s
 
 def open_study(name: str, storage: RDBStorage, objectives: tuple[str, ...], sampler: str, seed: int | None,
                settings: dict) -> optuna.Study:
-    """Create or continue study ``name``. ``settings`` (space, budget, objectives, data, proxy)
-    are stored with the study; continuing it with different ones is refused."""
+    """Create or continue study ``name``. ``settings`` (space, budget, objectives, data, proxy and
+    the recipe each trial trains) are stored with the study; continuing it with different ones is
+    refused, so that no study mixes designs trained two ways. A setting recorded since the study was
+    started is stored when it is continued."""
     study = optuna.create_study(study_name=name, storage=storage, directions=["minimize"] * len(objectives),
                                 sampler=make_sampler(sampler, seed), load_if_exists=True)
     before = study.user_attrs.get("settings")
     if before is None:
         study.set_user_attr("settings", settings)
-    else:
-        for key, value in settings.items():
-            if before.get(key) != value:
-                raise UserError(f"study {name}", key, f"this study was started with {before.get(key)!r}, "
-                                f"not {value!r}; use another --study")
+        return study
+    for key, value in settings.items():
+        if key in before and before[key] != value:
+            raise UserError(f"study {name}", key, f"this study was started with {_differs(before[key], value)}; "
+                            "use another --study")
+    if settings.keys() - before.keys():  # recorded since this study was started: kept from now on
+        study.set_user_attr("settings", before | {k: settings[k] for k in settings.keys() - before.keys()})
     return study
+
+
+def _differs(before, now) -> str:
+    """What a setting was and is, in words; for a recipe (a dict), only the fields that changed."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        return "other fields: " + ", ".join(f"{k} {before.get(k)!r}, not {now.get(k)!r}" for k in keys)
+    return f"{before!r}, not {now!r}"
 
 
 # ---- the budget gate ------------------------------------------------------------------------

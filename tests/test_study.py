@@ -159,3 +159,13 @@ def test_a_design_interrupted_twice_is_retried_twice_and_never_counts_as_done(tm
     t = tally(study.get_trials())
     assert (t["retried"], t["complete"], t.done) == (2, 1, 1)
     assert t.samples == 1  # one draw from the sampler, run three times: the infeasible share's denominator
+
+
+def test_a_study_continued_with_an_edited_recipe_is_refused_and_an_old_study_adopts_the_record(tmp_path):
+    recipe = {"name": "proxy", "steps": 300, "peak_lr": 0.004}
+    study_in(tmp_path, settings=SETTINGS)  # a study started before recipes were recorded
+    study = study_in(tmp_path, settings=SETTINGS | {"trial_recipe": recipe})
+    assert study.user_attrs["settings"]["trial_recipe"] == recipe  # recorded from now on
+    with pytest.raises(UserError, match=r"^error: study s: trial_recipe: this study was started with other "
+                                        r"fields: peak_lr 0.004, not 0.006; use another --study$"):
+        study_in(tmp_path, settings=SETTINGS | {"trial_recipe": recipe | {"peak_lr": 0.006}})
