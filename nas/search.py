@@ -30,7 +30,7 @@ from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
     DEFAULT_FIDELITY, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, objectives_for, open_storage, open_study, storage_url,
-    taken_over_is_dropped,
+    record_heartbeat, taken_over_is_dropped,
 )
 from nas.trials import records, tally
 from nas.workers import Job, check_reachable, init_ray, prepare_data, run_dir, run_on_ray
@@ -106,7 +106,6 @@ class BudgetSearcher(Searcher):
             return None  # the last trials are running (maybe under another driver): wait
         cand = self.gate.next_feasible()
         self.live[trial_id] = cand.trial
-        self._beat([cand.trial])  # at once: a trial with no heartbeat is never found stale if this driver dies
         job = Job(arch=cand.arch, schedule=self.schedule, corpus=self.corpus,
                   run_dir=run_dir(self.settings.out / "trials", cand.arch, self.schedule),
                   threads=self.settings.cpus_per_trial, max_memory_mb=self.settings.max_trial_memory_mb,
@@ -173,15 +172,8 @@ class BudgetSearcher(Searcher):
         pass
 
     def _beat(self, trials: list[optuna.Trial]) -> None:
-        """Record a heartbeat for each running trial. Optuna records heartbeats only inside
-        ``Study.optimize``, and ask-and-tell has no public helper for it, so we call the storage's
-        own (public) ``record_heartbeat`` with the trial's storage id."""
         for trial in trials:
-            try:
-                self.storage.record_heartbeat(
-                    self.storage.get_trial_id_from_study_id_trial_number(self._study_id, trial.number))
-            except Exception:  # noqa: BLE001 - a missed beat is retried next round
-                log.debug("heartbeat failed", exc_info=True)
+            record_heartbeat(self.storage, self._study_id, trial.number)
 
     def _beat_forever(self) -> None:
         while not self._stopped.is_set():
@@ -234,7 +226,8 @@ def run_search(s: SearchSettings) -> optuna.Study:
         bar.write(pareto.trial_line(study, number))
         bar.update(1)
 
-    searcher = BudgetSearcher(study, storage, BudgetGate(study, s.space, s.budget), s, corpus, on_finish)
+    searcher = BudgetSearcher(study, storage, BudgetGate(study, s.space, s.budget, storage=storage), s, corpus,
+                              on_finish)
     scheduler = RungScheduler(searcher, load_schedule(s.proxy), s.rungs) if s.fidelity == "asha" else None
     try:
         if t.done < s.trials:

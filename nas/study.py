@@ -190,11 +190,28 @@ class Candidate:
     count: Count
 
 
-class BudgetGate:
-    """Asks Optuna for designs until one fits the budget; the others are told infeasible."""
+def record_heartbeat(storage: RDBStorage, study_id: int, number: int) -> None:
+    """A heartbeat for a running trial. Optuna records heartbeats only inside ``Study.optimize``,
+    and ask-and-tell has no public helper for it, so this calls the storage's own (public)
+    ``record_heartbeat`` with the trial's storage id. A missed beat is retried at the next one."""
+    try:
+        storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    except Exception:  # noqa: BLE001 - a missed beat is retried next round
+        log.debug("heartbeat failed", exc_info=True)
 
-    def __init__(self, study: optuna.Study, space: Space, budget: Budget, max_tries: int = 5000):
+
+class BudgetGate:
+    """Asks Optuna for designs until one fits the budget; the others are told infeasible.
+
+    With ``storage``, each trial gets a heartbeat as soon as it is asked for: Optuna never finds a
+    trial stale that has had none, so a driver that died before the first beat would leave it
+    running for ever, and a search waiting on its last trials would never end."""
+
+    def __init__(self, study: optuna.Study, space: Space, budget: Budget, max_tries: int = 5000,
+                 storage: RDBStorage | None = None):
         self.study, self.space, self.budget, self.max_tries = study, space, budget, max_tries
+        self.storage = storage
+        self._study_id = storage.get_study_id_from_name(study.study_name) if storage is not None else None
 
     def next_feasible(self) -> Candidate:
         for _ in range(self.max_tries):
@@ -203,6 +220,8 @@ class BudgetGate:
                 # too (nas.search beats for its running trials).
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                 trial = self.study.ask()
+            if self.storage is not None:
+                record_heartbeat(self.storage, self._study_id, trial.number)
             try:
                 arch = self._design(trial)
             except UserError as exc:  # a combination the space allows but ArchConfig refuses

@@ -169,3 +169,23 @@ def test_a_study_continued_with_an_edited_recipe_is_refused_and_an_old_study_ado
     with pytest.raises(UserError, match=r"^error: study s: trial_recipe: this study was started with other "
                                         r"fields: peak_lr 0.004, not 0.006; use another --study$"):
         study_in(tmp_path, settings=SETTINGS | {"trial_recipe": recipe | {"peak_lr": 0.006}})
+
+
+def test_a_trial_gets_its_heartbeat_as_soon_as_the_gate_asks_for_it(tmp_path):
+    """Optuna never finds a trial stale that has had no heartbeat: a driver that died between
+    asking for a design and its first beat would leave it running for ever."""
+    import time
+
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
+                         failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+    study = optuna.create_study(study_name="s", storage=storage, directions=["minimize", "minimize"])
+    beaten = BudgetGate(study, PAPER, parse_budget("1M"), storage=storage).next_feasible().trial
+    silent = BudgetGate(study, PAPER, parse_budget("1M")).next_feasible().trial  # no storage: no beat
+    time.sleep(2.5)  # this driver "died" right after asking
+    fail_stale_trials(study)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[beaten.number] == TrialState.FAIL  # found stale: retried as a new trial
+    assert states[silent.number] == TrialState.RUNNING  # what every trial would be without the beat
+    assert TrialState.WAITING in states.values()
