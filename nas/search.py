@@ -180,6 +180,14 @@ class BudgetSearcher(Searcher):
             self._beat(list(self.live.values()))
             self._stopped.wait(HEARTBEAT_S)
 
+    def fail_live(self, reason: str) -> None:
+        """Tell every trial still live FAILED with ``reason`` (the search has returned)."""
+        for trial in list(self.live.values()):
+            with taken_over_is_dropped(trial):
+                trial.set_user_attr("fail_reason", reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+        self.live.clear()
+
     def stop(self) -> None:
         """Stop the heartbeats once the search returns. A trial still live then (one that Ray
         stopped at the time budget before it reported) would otherwise be kept from going stale,
@@ -233,6 +241,9 @@ def run_search(s: SearchSettings) -> optuna.Study:
         if t.done < s.trials:
             run_on_ray(s.out, s.study, s.workers, s.cpus_per_trial, searcher=searcher, scheduler=scheduler,
                        time_budget_s=s.time_budget_s, gpus_per_trial=s.gpus_per_trial)
+            # At the time budget Tune stops the trials still training without telling the searcher:
+            # they end here, FAILED with the reason, rather than stay running in storage.
+            searcher.fail_live("stopped before the end (the search's time budget ran out)")
     finally:
         searcher.stop()
     bar.close()
