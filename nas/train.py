@@ -110,6 +110,11 @@ def train(
     gen = torch.Generator().manual_seed(schedule.seed + state["step"])
     eval_limit = schedule.eval_utterances
     stopped_early, streak, loss_sum, loss_n = False, 0, 0.0, 0
+    if callback is not None and state["curve"] and state["step"] < schedule.steps:
+        # A resumed run reports its checkpoint's last evaluation again: the process may have died
+        # between saving it and reporting it, and successive halving judges a design at that point
+        # (a caller keeps one point per step).
+        stopped_early = bool(callback(state["step"], state["curve"][-1]))
     bar = tqdm(total=schedule.steps, initial=state["step"], desc=f"train {schedule.name}",
                unit="step", disable=not progress, dynamic_ncols=True)
     batches: list[list[int]] = []

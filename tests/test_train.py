@@ -55,8 +55,12 @@ def test_writes_metrics_checkpoint_tokenizer_and_resumes(tiny_corpus_dir, tiny_a
         train(tiny_arch, schedule(), corpus, out, callback=crash_after_first_eval, progress=False)
     assert seen == [6] and (out / "checkpoint.pt").is_file() and not (out / "metrics.json").exists()
 
-    m = train(tiny_arch, schedule(), corpus, out, callback=lambda step, p: seen.append(step), progress=False)
-    assert seen == [6, 12]  # steps 1-6 were not run again
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["state"]["curve"][-1]
+    heard = []
+    m = train(tiny_arch, schedule(), corpus, out, callback=lambda step, p: heard.append((step, p)), progress=False)
+    # Steps 1-6 were not run again; the evaluation at step 6 is reported again first, since the run
+    # may have died between saving it and the caller hearing of it.
+    assert [s for s, _ in heard] == [6, 12] and heard[0][1] == saved and m["resumed_at_steps"] == [6]
     assert [p["step"] for p in m["curve"]] == [6, 12] and m["steps"] == 12
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["test"]["wer"] == m["test"]["wer"] and 0 <= m["test"]["wer"]
@@ -214,3 +218,4 @@ def test_a_tensor_that_serves_k_places_learns_at_the_rate_divided_by_k():
     assert {g["lr"] for g in old} == {1e-3}
     exponents = {p.stem: load_schedule(p.stem).shared_lr_exponent for p in nas.schedule.SCHEDULES.glob("*.yaml")}
     assert exponents.pop("full-v1") == 0.0 and set(exponents.values()) == {1.0} and len(exponents) >= 5
+
