@@ -102,6 +102,8 @@ class RungScheduler(FIFOScheduler):
         attrs = optuna_trial.user_attrs
         sizes = {"bytes": attrs["bytes"], "macs": attrs["macs_per_second"]}
         decided = dict(attrs.get("rungs", {}))
+        if "stopped" in decided.values():  # a retry of a design stopped before its driver died
+            return False
         for k, step in enumerate(self.rung_steps[:-1]):  # the last rung is the end of training
             if step > result["step"] or str(k) in decided:
                 continue

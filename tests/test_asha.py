@@ -183,3 +183,21 @@ def test_a_retried_design_counts_once_in_a_rung_table(tmp_path):
         assert study.trials[judged.number].user_attrs["rungs"] == {"0": "promoted"}
     finally:
         searcher.stop()
+
+
+def test_a_retry_of_a_design_already_stopped_at_a_rung_stops_at_once(tmp_path):
+    """The driver died after deciding "stopped" and before telling Optuna; the retry inherits the
+    decision and must not train on to the end."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from nas.asha import RungScheduler
+
+    with a_trial_taken_over(tmp_path) as (study, searcher, _):
+        scheduler = RungScheduler(searcher, load_schedule("tiny"), Rungs((1, 2, 4)))
+        retry = study.ask()
+        for key, value in {"bytes": 1000, "macs_per_second": 1.0, "rungs": {"0": "stopped"}}.items():
+            retry.set_user_attr(key, value)
+        searcher.live["retry"] = retry
+        tune_trial = type("TuneTrial", (), {"trial_id": "retry"})()
+        point = {"step": scheduler.rung_steps[1], "dev_wer": 0.1, "dev_loss": 0.5}  # past the rung it failed
+        assert scheduler.on_trial_result(None, tune_trial, point) == TrialScheduler.STOP
