@@ -117,7 +117,8 @@ class RungScheduler(FIFOScheduler):
             # A retried trial's curve was copied to its retry, which stands for the design: counting
             # both would enter one design twice (and a retry would meet its own earlier copies).
             others = [vector(p, objectives, {"bytes": r.bytes, "macs": r.macs_per_second})
-                      for r in records(self.searcher.study) if r.number != optuna_trial.number and r.state != "retried"
+                      for r in records(self.searcher.study)
+                      if r.number != optuna_trial.number and r.state != "retried"
                       for p in r.curve if p["step"] == step]
             decided[str(k)] = "promoted" if promoted(mine, others, self.rungs.eta) else "stopped"
             optuna_trial.set_user_attr("rungs", decided)

@@ -243,7 +243,8 @@ def run_search(s: SearchSettings) -> optuna.Study:
                        time_budget_s=s.time_budget_s, gpus_per_trial=s.gpus_per_trial)
             # At the time budget Tune stops the trials still training without telling the searcher:
             # they end here, FAILED with the reason, rather than stay running in storage.
-            searcher.fail_live("stopped before the end (the search's time budget ran out)")
+            if s.time_budget_s is not None:
+                searcher.fail_live("stopped before the end (the search's time budget ran out)")
     finally:
         searcher.stop()
     bar.close()
