@@ -58,10 +58,16 @@ def test_both_recipes_train_and_a_changed_recipe_trains_anew(tmp_path, tiny_corp
     assert bench_learn(recipes=((old, data), (new, data)), **kw) == figures
     assert {k: (p / "metrics.json").stat().st_mtime_ns for k, p in runs.items()} == stamps
 
-    # Change the new recipe under the same name: it trains into a directory of its own, and the
-    # old recipe's run is still read back.
+    # Where the reference stops is part of its run: another cap trains it anew, not the new recipe.
+    bench_learn(recipes=((old, data), (new, data)), **kw | {"cap": 7.0})
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "runs").iterdir())
+    assert names == ["unshared-new", "unshared-old", "unshared-old"]
+    assert (runs["unshared-new"] / "metrics.json").stat().st_mtime_ns == stamps["unshared-new"]
+
+    # Change the new recipe under the same name: it trains into a directory of its own (and the
+    # reference stops where the new curve says), and no run of before is written over.
     _recipe(tmp_path / "new.yaml", "new", peak_lr=4e-3, decode="beam")
     bench_learn(recipes=((old, data), (new, data)), **kw)
     names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "runs").iterdir())
-    assert names == ["unshared-new", "unshared-new", "unshared-old"]
-    assert (runs["unshared-old"] / "metrics.json").stat().st_mtime_ns == stamps["unshared-old"]
+    assert names.count("unshared-new") == 2
+    assert {k: (p / "metrics.json").stat().st_mtime_ns for k, p in runs.items()} == stamps

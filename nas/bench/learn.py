@@ -17,7 +17,8 @@ a padding fix) helps the old recipe too and is not in the ratio. The residual br
 scale is part of the recipe (``branch_init_gain``): ``full-v1`` keeps ``nn.Linear``'s. Each run lives in
 ``results/bench-learn/<design>-<schedule>-<key>/`` and resumes from its checkpoint: the benchmark can
 be finished over several sittings by running it again. The key hashes the design, the schedule's
-fields and the data, so a changed recipe trains anew instead of reading back a run of the old one.
+fields and the data (and, for the reference, where it stops), so a changed recipe trains anew
+instead of reading back a run of the old one.
 """
 
 from __future__ import annotations
@@ -55,14 +56,15 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
             s = load_schedule(recipe)
             s = s.model_copy(update={"eval_every": max(1, round(eval_audio_s * 100 / s.batch_frames)),
                                      "eval_utterances": eval_utterances})
-            out = Path(results) / f"{design}-{s.name}-{_key(arch, s, data)}"
-            done = out / "metrics.json"
-            stop = None
+            stop, until = None, ""
             if recipe != new:
                 reached = [t for t in (time_to(runs[new]["curve"], x) for x in targets) if t]
                 limit = cap * max(reached) if reached else None
                 stop = lambda step, p, limit=limit: (p["dev_cer"] <= min(targets) or  # noqa: E731
                                                      (limit is not None and p["train_s"] > limit))
+                until = f" until CER {min(targets)} or {limit} s"  # where it stops is part of the run
+            out = Path(results) / f"{design}-{s.name}-{_key(arch, s, data + until)}"
+            done = out / "metrics.json"
             m = json.loads(done.read_text()) if done.is_file() else train(
                 arch, s, resolve_data(data), out, threads=threads, callback=stop)
             runs[recipe] = m
