@@ -5,13 +5,15 @@ on a tiny scale (``nas demo --scale ci``), so the main job cannot silently break
 reference study is the same pipeline at the paper's sharing space and 1M (``--scale paper-1m``,
 hours). Every stage resumes: running the command again continues where it stopped. Each run of
 the command is a sitting, and ``<results>/<study>/timing.json`` keeps every sitting's wall time per
-stage, so a study finished over several sittings still has its wall time: their sum.
+stage (also one that is killed, to within a minute), so a study finished over several sittings
+still has its wall time: their sum.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,8 +75,8 @@ def run(scale: str = "demo", results: Path = Path("results"), study: str = "demo
     space = load_space(SPACES / s.space)
     budget = parse_budget(s.budget)
     out = results / study
-    out.mkdir(parents=True, exist_ok=True)
     stage = _Sitting(out / "timing.json", scale, workers)
+    refused = False
     try:
         stage("search")
         st = run_search(SearchSettings(space=space, budget=budget, trials=s.trials, workers=workers, study=study,
@@ -89,8 +91,11 @@ def run(scale: str = "demo", results: Path = Path("results"), study: str = "demo
         arch, run_dir, provenance = choose_for_export(st, out, None, best_under=budget)
         write_export(out / "export", arch, run_dir, provenance, force=True)
         stage.finished = True
+    except UserError:
+        refused = True
+        raise
     finally:  # a sitting cut short still counts the time its last stage ran
-        total, sittings = stage.close()
+        total, sittings = stage.close(refused)
     minutes = stage.elapsed() / 60
     print(f"== [{minutes:5.1f} min] done in {minutes:.1f} min ({total / 60:.1f} min over {sittings} sitting"
           f"{'s' if sittings > 1 else ''}, {stage.path}): report {report}, export {out / 'export'}", flush=True)
@@ -99,38 +104,55 @@ def run(scale: str = "demo", results: Path = Path("results"), study: str = "demo
 
 class _Sitting:
     """Prints each stage as it starts, and keeps this run's wall time per stage in ``path`` beside
-    those of the runs before it (written as each stage ends, so a run that is stopped keeps what
-    it did)."""
+    those of the runs before it. Written as each stage ends and every ``every_s`` seconds within
+    one, so a sitting that is killed keeps nearly all it did; one refused before its first write
+    (bad input is refused within seconds) writes nothing."""
 
-    def __init__(self, path: Path, scale: str, workers: int):
-        self.path, self.t0, self.current, self.finished = path, time.monotonic(), None, False
+    def __init__(self, path: Path, scale: str, workers: int, every_s: float = 60.0):
+        self.path, self.t0, self.current, self.finished, self.written = path, time.monotonic(), None, False, False
         self.doc = read_json(path, "timing file") if path.is_file() else {"sittings": []}
         if not isinstance(self.doc, dict) or not isinstance(self.doc.get("sittings"), list):
             raise UserError(path, "sittings", "expected a list of sittings (delete the file to start it anew)")
         self.sitting = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "scale": scale,
                         "workers": workers, "cpus": os.cpu_count(), "stages": {}, "finished": False}
         self.doc["sittings"].append(self.sitting)
+        self._lock, self._ended = threading.Lock(), threading.Event()
+        threading.Thread(target=self._tick, args=(every_s,), daemon=True).start()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
     def __call__(self, name: str) -> None:
-        self._close()
-        self.current, self.started = name, time.monotonic()
+        with self._lock:
+            if self.current is not None:
+                self._note()
+                self._write()
+            self.current, self.started = name, time.monotonic()
         print(f"== [{self.elapsed() / 60:5.1f} min] {name}", flush=True)
 
-    def close(self) -> tuple[float, int]:
+    def close(self, refused: bool = False) -> tuple[float, int]:
         """Ends the last stage; the wall time over all sittings, and how many there were."""
-        self._close()
-        self.sitting["finished"] = self.finished
-        self._write()
+        self._ended.set()
+        with self._lock:
+            if not (refused and not self.written):
+                self._note()
+                self.sitting["finished"] = self.finished
+                self._write()
+            self.current = None
         return sum(sum(s["stages"].values()) for s in self.doc["sittings"]), len(self.doc["sittings"])
 
-    def _close(self) -> None:
+    def _tick(self, every_s: float) -> None:
+        while not self._ended.wait(every_s):
+            with self._lock:
+                if self.current is not None:
+                    self._note()
+                    self._write()
+
+    def _note(self) -> None:  # the current stage's time so far
         if self.current is not None:
             self.sitting["stages"][self.current] = round(time.monotonic() - self.started, 1)
-            self._write()
-        self.current = None
 
     def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, json.dumps(self.doc, indent=2) + "\n")
+        self.written = True

@@ -181,11 +181,17 @@ class BudgetSearcher(Searcher):
             self._stopped.wait(HEARTBEAT_S)
 
     def fail_live(self, reason: str) -> None:
-        """Tell every trial still live FAILED with ``reason`` (the search has returned)."""
+        """End every trial still live (the search has returned): PRUNED if successive halving had
+        already stopped it at a rung, else FAILED with ``reason``."""
         for trial in list(self.live.values()):
             with taken_over_is_dropped(trial):
-                trial.set_user_attr("fail_reason", reason)
-                self.study.tell(trial, state=TrialState.FAIL)
+                curve = trial.user_attrs.get("curve", [])
+                if curve and "stopped" in trial.user_attrs.get("rungs", {}).values():
+                    trial.set_user_attr("stopped_at_step", curve[-1]["step"])
+                    self.study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    trial.set_user_attr("fail_reason", reason)
+                    self.study.tell(trial, state=TrialState.FAIL)
         self.live.clear()
 
     def stop(self) -> None:

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from nas.budget import Budget, Count, count
 from nas.config import ArchConfig
 from nas.errors import UserError
+from nas.schedule import Schedule
 from nas.space import Space
 from nas.trials import BUDGET_KEY
 
@@ -164,13 +165,26 @@ def open_study(name: str, storage: RDBStorage, objectives: tuple[str, ...], samp
     if before is None:
         study.set_user_attr("settings", settings)
         return study
+    adopted = {}
     for key, value in settings.items():
-        if key in before and before[key] != value:
-            raise UserError(f"study {name}", key, f"this study was started with {_differs(before[key], value)}; "
+        if key not in before and key in ADOPTED_SETTINGS:  # recorded since this study was started
+            adopted[key] = value
+            continue
+        was = before.get(key)
+        if key == "trial_recipe":  # a field added to Schedule since then counts at its default
+            was = Schedule.model_validate(was).model_dump(mode="json")
+        if was != value:
+            raise UserError(f"study {name}", key, f"this study was started with {_differs(was, value)}; "
                             "use another --study")
-    if settings.keys() - before.keys():  # recorded since this study was started: kept from now on
-        study.set_user_attr("settings", before | {k: settings[k] for k in settings.keys() - before.keys()})
+    if adopted:  # kept from now on
+        study.set_user_attr("settings", before | adopted)
     return study
+
+
+# Settings recorded since some studies were started, which such a study takes on when it is
+# continued. Any other setting a study lacks is refused, as one that differs is: a study started
+# before the fidelity was recorded must not go on under successive halving.
+ADOPTED_SETTINGS = ("trial_recipe",)
 
 
 def _differs(before, now) -> str:

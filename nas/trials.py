@@ -8,7 +8,8 @@ trial's user attrs.
 
 Every trial is in exactly one state (:data:`STATES`); :class:`Tally` counts them, and defines the
 one *infeasible share* the README, the report and the benchmarks quote: samples over the budget
-among all samples the study drew (every trial but those still queued).
+among all samples the study drew (every trial but those still queued and those retried: a retry
+is the same draw run again).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def records(study: optuna.Study) -> list[TrialRecord]:
 class Tally:
     """Trials counted by state.
 
-    ``samples`` counts every trial the study drew (all but the queued ones), and
+    ``samples`` counts every draw of the study (all trials but the queued and the retried ones), and
     ``infeasible_share`` is the share of them over the budget. ``done`` counts the trained designs
     that reached an end and were not run again: the number a search's ``--trials`` asks for.
     """

@@ -450,6 +450,8 @@ ARGS = {
     "export with no choice": (["export", "s", "--out", "x"], "error: cli: export: one of the arguments --design"),
     "unreachable Ray": (["search", TINY, "--address", "127.0.0.1:1", "--data", "synth:0.01"],
                         "error: --address: cannot reach a Ray cluster at '127.0.0.1:1'"),
+    "demo, unreachable Ray": (["demo", "--scale", "ci", "--address", "127.0.0.1:1"],  # not even timing.json
+                              "error: --address: cannot reach a Ray cluster at '127.0.0.1:1'"),
     "unreachable database": (["search", TINY, "--storage", "postgresql://u:secret@127.0.0.1:1/db",
                               "--data", "synth:0.01"],
                              "error: --storage: cannot open postgresql://***@127.0.0.1:1/db: "),

@@ -34,14 +34,14 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
     fixed = load_schedule(str(out / "tiny-x9.yaml"))
     assert fixed.steps == 9 * load_schedule("tiny").steps
     studies = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/study.db")}
-    # The designs still training when a timed part's time ran out end as FAILED, with the reason.
+    # The designs still training when a timed part's time ran out end as FAILED, with a reason.
     import optuna
     for mode in ("fixed", "asha"):
         trials = optuna.load_study(study_name=f"{mode}-1.5min",
                                    storage=f"sqlite:///{out / f'{mode}-1.5min' / 'study.db'}").get_trials()
         assert not [t for t in trials if t.state.name == "RUNNING"]
-        assert all("time budget" in t.user_attrs.get("fail_reason", "") for t in trials if t.state.name == "FAIL"
-                   and "invalid" not in t.user_attrs)
+        assert all(t.user_attrs.get("fail_reason") for t in trials if t.state.name == "FAIL"
+                   and "invalid" not in t.user_attrs)  # the time budget's, or a worker's failure
     references = {p: p.stat().st_mtime_ns for p in out.glob("reference-*/*") if p.is_file()}
 
     # A second sitting: the timed parts are read back (their studies untouched), the sampler

@@ -162,13 +162,23 @@ def test_a_design_interrupted_twice_is_retried_twice_and_never_counts_as_done(tm
 
 
 def test_a_study_continued_with_an_edited_recipe_is_refused_and_an_old_study_adopts_the_record(tmp_path):
-    recipe = {"name": "proxy", "steps": 300, "peak_lr": 0.004}
+    from nas.schedule import load_schedule
+
+    recipe = load_schedule("tiny").model_dump(mode="json")
     study_in(tmp_path, settings=SETTINGS)  # a study started before recipes were recorded
     study = study_in(tmp_path, settings=SETTINGS | {"trial_recipe": recipe})
     assert study.user_attrs["settings"]["trial_recipe"] == recipe  # recorded from now on
     with pytest.raises(UserError, match=r"^error: study s: trial_recipe: this study was started with other "
-                                        r"fields: peak_lr 0.004, not 0.006; use another --study$"):
+                                        r"fields: peak_lr 0.003, not 0.006; use another --study$"):
         study_in(tmp_path, settings=SETTINGS | {"trial_recipe": recipe | {"peak_lr": 0.006}})
+    # A field added to the recipe since then (at its default) is not an edit.
+    older = {k: v for k, v in recipe.items() if k != "branch_init_gain"}
+    study.set_user_attr("settings", study.user_attrs["settings"] | {"trial_recipe": older})
+    study_in(tmp_path, settings=SETTINGS | {"trial_recipe": recipe})
+    # Any other setting a study lacks is refused as before: a study that never recorded its
+    # fidelity must not go on under successive halving.
+    with pytest.raises(UserError, match=r"^error: study s: fidelity: this study was started with None, not 'asha'"):
+        study_in(tmp_path, settings=SETTINGS | {"fidelity": "asha"})
 
 
 def test_a_trial_gets_its_heartbeat_as_soon_as_the_gate_asks_for_it(tmp_path):

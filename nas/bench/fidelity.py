@@ -96,9 +96,7 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
 
     base, ref = load_schedule(proxy), load_schedule(reference)
     stretched = Rungs(rungs).schedule(base)
-    # Runs on the default corpus live in runs/; on any other, in a directory named by its spec's
-    # hash, so that --data never reads back runs trained on other data as its own.
-    runs = Path(results) / ("runs" if data == "synth" else f"runs-{hashlib.sha256(data.encode()).hexdigest()[:8]}")
+    runs = runs_dir(Path(results), data)
     designs = load_designs()
     # A run's directory names its recipe's hash too: a change to a schedule (or to a design)
     # trains it anew instead of reading the metrics of the recipe before.
@@ -221,6 +219,12 @@ def _train_all(plan: list, corpus, threads: int, jobs: int) -> None:
     if failed:
         raise UserError(str(plan[0][4].parent), "", f"{len(failed)} runs failed ({', '.join(failed)}); "
                         "run the benchmark again to retry them from their checkpoints")
+
+
+def runs_dir(results: Path, data: str) -> Path:
+    """Runs on the default corpus live in ``runs/``; on any other, in a directory named by its
+    spec's hash, so that ``--data`` never reads back runs trained on other data as its own."""
+    return results / ("runs" if data == "synth" else f"runs-{hashlib.sha256(data.encode()).hexdigest()[:8]}")
 
 
 def exit_with_parent(poll_s: float = 2.0) -> None:

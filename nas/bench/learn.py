@@ -58,7 +58,7 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
                                      "eval_utterances": eval_utterances})
             stop, until = None, ""
             if recipe != new:
-                reached = [t for t in (time_to(runs[new]["curve"], x) for x in targets) if t]
+                reached = [t for t in (time_to(runs[new]["curve"], x) for x in targets) if t is not None]
                 limit = cap * max(reached) if reached else None
                 stop = lambda step, p, limit=limit: (p["dev_cer"] <= min(targets) or  # noqa: E731
                                                      (limit is not None and p["train_s"] > limit))
@@ -89,11 +89,12 @@ def speedup(old_s: float | None, new_s: float | None, old_trained_s: float | Non
     """How many times sooner the new recipe reached a target: a ratio when both reached it; a lower
     bound (``"> x"``) when only the new one did, the reference having stopped (at its cap or its
     end) after ``old_trained_s``; None when the new recipe did not reach it."""
-    if old_s and new_s:
-        return round(old_s / new_s, 2)
-    if new_s and old_trained_s:
-        return f"> {old_trained_s / new_s:.2f}"
-    return None
+    if new_s is None:
+        return None
+    new_s = max(new_s, 0.1)  # times are rounded to 0.1 s: a first evaluation may read 0.0
+    if old_s is not None:
+        return round(max(old_s, 0.1) / new_s, 2)
+    return f"> {old_trained_s / new_s:.2f}" if old_trained_s else None
 
 
 def time_to(curve: list[dict], target: float) -> float | None:

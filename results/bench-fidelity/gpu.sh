@@ -3,7 +3,8 @@
 # benchmark's 30 runs, JOBS at a time sharing the GPU (through CUDA MPS when its daemon starts),
 # stopped at DEADLINE seconds. Back in $OUT: runs.tgz (every finished run, without its LM and
 # checkpoint), ckpt.tar.* (the checkpoints of unfinished runs, furthest first, to resume here) and
-# bench.log. Unpack both into results/bench-fidelity/runs/ and run `nas bench fidelity` to finish
+# bench.log. Unpack both into results/bench-fidelity/runs/ (runs-<hash>/ for a DATA other than synth,
+# as nas.bench.fidelity.runs_dir names it) and run `nas bench fidelity` to finish
 # and rank. The project's packages the GPU image lacks travel as wheels in .whl (see the device
 # tool's README); the corpus is synthesized there, on all cores.
 set -u
@@ -60,7 +61,8 @@ $PY - <<'EOF'
 import os, subprocess, tarfile
 from pathlib import Path
 import torch
-runs, out = Path("/tmp/bench/bench-fidelity/runs"), Path(os.environ["OUT"])
+from nas.bench.fidelity import runs_dir
+runs, out = runs_dir(Path("/tmp/bench/bench-fidelity"), os.environ.get("DATA", "synth")), Path(os.environ["OUT"])
 done = sorted(d for d in runs.iterdir() if (d / "metrics.json").is_file()) if runs.is_dir() else []
 left = []
 for d in sorted(runs.iterdir()) if runs.is_dir() else []:
