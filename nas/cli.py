@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,10 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     _console_logging()
+    # SIGTERM (kill, a batch scheduler's end of job) stops a command as Ctrl-C does: the study and
+    # the checkpoints are left to resume, and Ray's local processes are shut down on the way out.
+    # A command started in the background ignores SIGINT, as background jobs do; SIGTERM stops it.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         args = parser.parse_args(argv)
         if not hasattr(args, "run"):
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 class _LogFile(logging.FileHandler):

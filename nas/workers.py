@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,12 +141,17 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our line per trial replaces Tune's tables
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, include_dashboard=False, configure_logging=True, logging_level=logging.WARNING,
                  log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError("--address", "", f"cannot reach a Ray cluster at {address!r}: {reason}") from None
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        # ray.init puts in its own SIGTERM handler, which logs and aborts the driver on the spot:
+        # put back the command's (nas.cli stops on SIGTERM as on Ctrl-C, so the run resumes cleanly).
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -67,10 +67,11 @@ def test_the_main_job_runs_end_to_end_at_ci_scale(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_the_search_stops_the_main_job_and_the_next_sitting_resumes_it(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_in_the_search_stops_the_main_job_and_the_next_sitting_resumes_it(tmp_path, sig):
     """Ray Tune would catch Ctrl-C and return as if the search were done, and the demo would go on
-    to retrain a half-searched front. Ctrl-C stops the whole job instead, and the next run of the
-    same command goes on from where it stopped."""
+    to retrain a half-searched front. Ctrl-C stops the whole job instead, and so does SIGTERM (kill,
+    a batch scheduler's end of job); the next run of the same command goes on from where it stopped."""
     import signal
     import time
 
@@ -91,7 +92,7 @@ def test_ctrl_c_in_the_search_stops_the_main_job_and_the_next_sitting_resumes_it
             continue
         if t.done >= 1:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "interrupted\n" in stderr, stderr[-2000:]
     assert "] retrain" not in stdout and not (out / "retrained.json").exists()
