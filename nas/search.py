@@ -226,6 +226,7 @@ def run_search(s: SearchSettings) -> optuna.Study:
               "trial_recipe": s.trial_schedule().model_dump(mode="json")}
     seed = None if s.seed is None else s.seed + _n_trials(s.study, storage)  # a resumed run draws anew
     study = open_study(s.study, storage, s.objectives, s.sampler, seed, record)
+    adopt_orphans(study, storage)
     for label, arch in (baselines(s.space, s.budget) if s.baselines else []) + enqueued:
         enqueue_design(study, arch, label)
     s.out.mkdir(parents=True, exist_ok=True)
@@ -262,6 +263,21 @@ def run_search(s: SearchSettings) -> optuna.Study:
              if t["invalid"] else "") + f"front in {s.out / 'pareto.json'}")
     print(corpus_line)  # the run summary repeats what the corpus lost, after the trials' lines
     return study
+
+
+def adopt_orphans(study: optuna.Study, storage) -> None:
+    """Make sure every running trial will be found stale if no driver is running it.
+
+    Optuna finds a trial stale only once it has had a heartbeat, and a driver stopped between
+    asking for a trial and its first beat (Ctrl-C lands there readily: it is where the driver
+    is busy when a trial ends) leaves one running that none ever has, which the search would
+    wait for for ever. So at the start, after those already stale are failed and retried, each
+    running trial gets a beat: one whose driver is gone goes stale a grace period later and is
+    retried; one another live driver runs is only beaten once more."""
+    optuna.storages.fail_stale_trials(study)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        record_heartbeat(storage, study_id, t.number)
 
 
 def screen_budget(space: Space, budget: Budget, samples: int = 3000, seed: int = 0) -> float:

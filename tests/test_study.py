@@ -199,3 +199,26 @@ def test_a_trial_gets_its_heartbeat_as_soon_as_the_gate_asks_for_it(tmp_path):
     assert states[beaten.number] == TrialState.FAIL  # found stale: retried as a new trial
     assert states[silent.number] == TrialState.RUNNING  # what every trial would be without the beat
     assert TrialState.WAITING in states.values()
+
+
+def test_a_running_trial_that_never_had_a_heartbeat_is_adopted_and_retried(tmp_path):
+    """A driver stopped between asking for a trial and its first beat (where Ctrl-C lands readily)
+    leaves a running trial that Optuna never finds stale; a search resumed on the study would wait
+    for it for ever. The search beats every running trial when it starts, so it goes stale."""
+    import time
+
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+
+    from nas.search import adopt_orphans
+
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
+                         failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+    study = optuna.create_study(study_name="s", storage=storage, directions=["minimize", "minimize"])
+    orphan = study.ask()  # the driver died here
+    time.sleep(2.5)
+    fail_stale_trials(study)
+    assert study.trials[orphan.number].state == TrialState.RUNNING  # never found stale on its own
+    adopt_orphans(study, storage)  # a search starts on the study
+    time.sleep(2.5)
+    fail_stale_trials(study)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]  # retried
