@@ -142,7 +142,7 @@ def test_a_design_interrupted_twice_is_retried_twice_and_never_counts_as_done(tm
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 
     storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
-                         failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
     study = optuna.create_study(storage=storage, directions=["minimize", "minimize"])
     for _ in range(2):  # the first run, then its retry: each starts, beats once and goes silent
         trial = study.ask()
@@ -189,7 +189,7 @@ def test_a_trial_gets_its_heartbeat_as_soon_as_the_gate_asks_for_it(tmp_path):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 
     storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
-                         failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
     study = optuna.create_study(study_name="s", storage=storage, directions=["minimize", "minimize"])
     beaten = BudgetGate(study, PAPER, parse_budget("1M"), storage=storage).next_feasible().trial
     silent = BudgetGate(study, PAPER, parse_budget("1M")).next_feasible().trial  # no storage: no beat
@@ -212,7 +212,7 @@ def test_a_running_trial_that_never_had_a_heartbeat_is_adopted_and_retried(tmp_p
     from nas.search import adopt_orphans
 
     storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
-                         failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
     study = optuna.create_study(study_name="s", storage=storage, directions=["minimize", "minimize"])
     orphan = study.ask()  # the driver died here
     time.sleep(2.5)
