@@ -17,6 +17,16 @@ PAPER = load_space("search_spaces/paper.yaml")
 SETTINGS = {"space": "paper", "budget": "1M", "objectives": ["wer", "bytes"], "data": "synth", "proxy": "proxy"}
 
 
+def fast_heartbeat_storage(tmp_path, monkeypatch):
+    """The search's own storage (open_storage: its retry callback), beating every second with a
+    grace period of one second."""
+    import nas.study
+
+    monkeypatch.setattr(nas.study, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(nas.study, "GRACE_S", 1)
+    return open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+
+
 def study_in(tmp_path, sampler="tpe", settings=SETTINGS, name="s"):
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     return open_study(name, storage, ("wer", "bytes"), sampler, 0, settings)
@@ -133,16 +143,15 @@ def test_a_new_study_ranks_by_its_fidelitys_signal_and_a_resumed_one_by_what_it_
     assert objectives_for(storage, "s", "asha", ("cer", "bytes")) == ("cer", "bytes")  # named: open_study refuses it
 
 
-def test_a_design_interrupted_twice_is_retried_twice_and_never_counts_as_done(tmp_path):
+def test_a_design_interrupted_twice_is_retried_twice_and_never_counts_as_done(tmp_path, monkeypatch):
     """A trial whose driver dies is failed as stale and run again as a new trial; if that one's
     driver dies too, it is retried again. Both interrupted trials are "retried", not "failed":
     a failed trial counts toward --trials, and the search would end a design short."""
     import time
 
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 
-    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+    storage = fast_heartbeat_storage(tmp_path, monkeypatch)
     study = optuna.create_study(storage=storage, directions=["minimize", "minimize"])
     for _ in range(2):  # the first run, then its retry: each starts, beats once and goes silent
         trial = study.ask()
@@ -181,15 +190,14 @@ def test_a_study_continued_with_an_edited_recipe_is_refused_and_an_old_study_ado
         study_in(tmp_path, settings=SETTINGS | {"fidelity": "asha"})
 
 
-def test_a_trial_gets_its_heartbeat_as_soon_as_the_gate_asks_for_it(tmp_path):
+def test_a_trial_gets_its_heartbeat_as_soon_as_the_gate_asks_for_it(tmp_path, monkeypatch):
     """Optuna never finds a trial stale that has had no heartbeat: a driver that died between
     asking for a design and its first beat would leave it running for ever."""
     import time
 
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.storages import fail_stale_trials
 
-    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+    storage = fast_heartbeat_storage(tmp_path, monkeypatch)
     study = optuna.create_study(study_name="s", storage=storage, directions=["minimize", "minimize"])
     beaten = BudgetGate(study, PAPER, parse_budget("1M"), storage=storage).next_feasible().trial
     silent = BudgetGate(study, PAPER, parse_budget("1M")).next_feasible().trial  # no storage: no beat
@@ -201,18 +209,17 @@ def test_a_trial_gets_its_heartbeat_as_soon_as_the_gate_asks_for_it(tmp_path):
     assert TrialState.WAITING in states.values()
 
 
-def test_a_running_trial_that_never_had_a_heartbeat_is_adopted_and_retried(tmp_path):
+def test_a_running_trial_that_never_had_a_heartbeat_is_adopted_and_retried(tmp_path, monkeypatch):
     """A driver stopped between asking for a trial and its first beat (where Ctrl-C lands readily)
     leaves a running trial that Optuna never finds stale; a search resumed on the study would wait
     for it for ever. The search beats every running trial when it starts, so it goes stale."""
     import time
 
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+    from optuna.storages import fail_stale_trials
 
     from nas.search import adopt_orphans
 
-    storage = RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1,
-                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None))
+    storage = fast_heartbeat_storage(tmp_path, monkeypatch)
     study = optuna.create_study(study_name="s", storage=storage, directions=["minimize", "minimize"])
     orphan = study.ask()  # the driver died here
     time.sleep(2.5)
