@@ -133,7 +133,13 @@ class BudgetSearcher(Searcher):
             return
         with taken_over_is_dropped(trial):
             self._tell(trial, result, error)
-        self.on_finish(trial.number)
+        try:
+            self.on_finish(trial.number)
+        except Exception:  # noqa: BLE001 - the trial is told; what reports it must not undo that
+            # Tune would take an error here for the trial failing: it would log "Error stopping
+            # trial", run the trial again and call this again, and the trial's line would be lost.
+            log.exception("trial %d is recorded in the study, but reporting it failed; the search's files are "
+                          "written again after the next trial and at its end", trial.number)
 
     def _tell(self, trial: optuna.Trial, result: dict | None, error: bool) -> None:
         if not error and result and "stopped" in trial.user_attrs.get("rungs", {}).values():
@@ -237,9 +243,9 @@ def run_search(s: SearchSettings) -> optuna.Study:
     bar = tqdm(total=s.trials, initial=min(t.done, s.trials), desc="search", unit="trial", dynamic_ncols=True)
 
     def on_finish(number: int) -> None:
-        pareto.write_outputs(study, s.out)
-        bar.write(pareto.trial_line(study, number))
         bar.update(1)
+        bar.write(pareto.trial_line(study, number))  # the line first: the files are rewritten later anyway
+        pareto.write_outputs(study, s.out)
 
     searcher = BudgetSearcher(study, storage, BudgetGate(study, s.space, s.budget, storage=storage), s, corpus,
                               on_finish)

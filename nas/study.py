@@ -93,6 +93,9 @@ def storage_url(study: str, storage: str | None, results: Path) -> str:
     return f"sqlite:///{(results / study / 'study.db').resolve()}"
 
 
+SQLITE_LOCK_WAIT_S = 120  # how long a writer waits for another's lock on a study file
+
+
 def open_storage(url: str, attempts: int = 5) -> RDBStorage:
     """Optuna's RDB storage with heartbeats; an unreachable database is one clear error."""
     for attempt in range(1, attempts + 1):
@@ -104,7 +107,11 @@ def open_storage(url: str, attempts: int = 5) -> RDBStorage:
                 # Retry a stale trial however often its design was interrupted: the last trial of a
                 # capped chain would be left "failed", which counts as done, and never resumed.
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else {},
+                # SQLite locks the whole file for each write: with two drivers on one study file (and
+                # each one's heartbeat thread) a writer can wait for seconds on a loaded machine, past
+                # sqlite3's default 5 s, which raises "database is locked" in the middle of a search.
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else
+                {"connect_args": {"timeout": SQLITE_LOCK_WAIT_S}},
             )
         except Exception as exc:  # sqlalchemy raises many types for bad URLs and dead servers
             if not _lost_schema_race(exc) or attempt == attempts:

@@ -115,12 +115,10 @@ def ray_head(env: dict):
 
 
 @contextmanager
-def a_trial_taken_over(tmp_path, on_finish=lambda number: None):
-    """This driver's searcher on a study of the tiny space, holding a live trial ("late") that
-    another driver has just failed as stale, as ``fail_stale_trials`` does: (study, searcher, trial).
-    The searcher's ``suggest`` is not used, so it has no budget gate and no corpus."""
-    from optuna.trial import TrialState
-
+def a_searcher_with_a_live_trial(tmp_path, on_finish=lambda number: None):
+    """This driver's searcher on a study of the tiny space, holding one live trial ("live") whose
+    design is 1,000 bytes: (study, searcher, trial). The searcher's ``suggest`` is not used, so it
+    has no budget gate and no corpus."""
     from nas.budget import parse_budget
     from nas.search import BudgetSearcher, SearchSettings
     from nas.space import load_space
@@ -134,8 +132,21 @@ def a_trial_taken_over(tmp_path, on_finish=lambda number: None):
     searcher = BudgetSearcher(study, storage, None, settings, None, on_finish)
     try:
         trial = study.ask()
-        searcher.live["late"] = trial
-        optuna.load_study(study_name="s", storage=storage).tell(trial.number, state=TrialState.FAIL)
+        trial.set_user_attr("bytes", 1000)
+        trial.set_user_attr("macs_per_second", 1e6)
+        searcher.live["live"] = trial
         yield study, searcher, trial
     finally:
         searcher.stop()
+
+
+@contextmanager
+def a_trial_taken_over(tmp_path, on_finish=lambda number: None):
+    """As :func:`a_searcher_with_a_live_trial`, with the live trial ("late") just failed as stale by
+    another driver, as ``fail_stale_trials`` does: (study, searcher, trial)."""
+    from optuna.trial import TrialState
+
+    with a_searcher_with_a_live_trial(tmp_path, on_finish) as (study, searcher, trial):
+        searcher.live["late"] = searcher.live.pop("live")
+        optuna.load_study(study_name="s", storage=study._storage).tell(trial.number, state=TrialState.FAIL)
+        yield study, searcher, trial

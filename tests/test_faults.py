@@ -185,6 +185,9 @@ def test_two_drivers_on_one_study_record_every_trial_once(storage, tiny_corpus_d
     assert len(printed) == len(set(printed))  # no trial was told twice
     finished = {t.number for t in s.get_trials() if t.state in (TrialState.COMPLETE, TrialState.FAIL)
                 and "run_dir" in t.user_attrs}
-    assert set(printed) == finished and 4 <= len(finished) <= 5  # both drivers may start the last one
+    states = {t.number: (t.state.name, t.user_attrs.get("fail_reason"), t.system_attrs.get("failed_trial"))
+              for t in s.get_trials()}
+    evidence = "\n\n".join(f"driver {i}: {o[0][-2000:]}\n{o[1][-2000:]}" for i, o in enumerate(outs))
+    assert set(printed) == finished and 4 <= len(finished) <= 5, f"{states}\n{evidence}"  # both may start the last
     assert not [t for t in s.get_trials() if t.state == TrialState.RUNNING]
     assert_nothing_over_budget_was_trained(s, tmp_path / study / "trials", parse_budget("60K"))
