@@ -39,6 +39,7 @@ from nas.schedule import Schedule
 from nas.model import ConformerCTC
 
 log = logging.getLogger(__name__)
+TEST_TRANSCRIPTS = "test_transcripts.json"  # each test utterance's final hypothesis, by id (see score)
 MAX_NONFINITE = 20  # consecutive non-finite batches before a run is declared diverged
 
 
@@ -189,7 +190,8 @@ def train(
     metrics["skipped"] = {"train": train_set.skipped, "dev": dev_set.skipped}
     if evaluate_test and not stopped_early:
         test_set = FeatureSet(corpus.test, corpus.feature_cache, features)
-        metrics["test"] = evaluate(model, test_set, tokenizer, schedule.batch_frames, decoder=decoder)
+        metrics["test"] = score(forward(model, test_set, tokenizer, schedule.batch_frames), tokenizer, decoder,
+                                transcripts=out / TEST_TRANSCRIPTS)
         metrics["skipped"]["test"] = test_set.skipped
     model.save(out / "model.safetensors")
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -202,6 +204,7 @@ class Outputs:
 
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # (log_probs (B, T, V) on the CPU, lengths (B,))
     refs: list[str]
+    ids: list[str]
     loss: float  # CTC loss per target token
     forward_s: float
 
@@ -216,7 +219,7 @@ def forward(model: ConformerCTC, data: FeatureSet, tokenizer: Tokenizer, batch_f
     device = next(model.parameters()).device
     model.eval()
     n = len(data) if limit is None else min(limit, len(data))
-    out = Outputs([], [], 0.0, 0.0)
+    out = Outputs([], [], [], 0.0, 0.0)
     loss, tokens, t0 = 0.0, 0, time.perf_counter()
     with torch.no_grad():
         for idx in bucket_batches(data.lengths[:n], 2 * batch_frames, shuffle=False):
@@ -227,13 +230,18 @@ def forward(model: ConformerCTC, data: FeatureSet, tokenizer: Tokenizer, batch_f
             tokens += int(batch.target_lens.sum())
             out.batches.append((log_probs.cpu(), lens.cpu()))
             out.refs += batch.texts
+            out.ids += batch.ids
     out.loss, out.forward_s = loss / max(tokens, 1), time.perf_counter() - t0
     return out
 
 
-def score(outputs: Outputs, tokenizer: Tokenizer, decoder: BeamDecoder | None = None) -> dict:
+def score(outputs: Outputs, tokenizer: Tokenizer, decoder: BeamDecoder | None = None,
+          transcripts: Path | None = None) -> dict:
     """Greedy WER and CER of ``outputs``, and with ``decoder`` also ``beam_wer``, ``beam_cer`` and the
-    seconds the beam search took (``decode_s``, against ``forward_s`` for the model)."""
+    seconds the beam search took (``decode_s``, against ``forward_s`` for the model). With
+    ``transcripts``, each utterance's final hypothesis (the beam search's when there is a decoder)
+    is written there by utterance id, as icefall keeps its recogs: the report's robustness tables
+    read them, so they need no weights."""
     refs = outputs.refs
     hyps = [h for lp, n in outputs.batches for h in greedy_decode(lp, n, tokenizer)]
     result = {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": outputs.loss,
@@ -246,6 +254,10 @@ def score(outputs: Outputs, tokenizer: Tokenizer, decoder: BeamDecoder | None = 
                    "decode_s": round(time.perf_counter() - t0, 2)}
         for example, h in zip(result["examples"], beam):
             example["beam"] = h
+    if transcripts is not None:
+        final = beam if decoder is not None else hyps
+        atomic_write(transcripts, json.dumps({"decoding": "beam + lexicon + LM" if decoder else "greedy",
+                                              "hyps": dict(zip(outputs.ids, final))}, indent=0) + "\n")
     return result
 
 

@@ -113,7 +113,7 @@ def test_each_retrained_design_gets_a_table_per_condition(run_dir, tiny_corpus_d
     md = robustness_section(r)
     for title in ("SNR", "accent", "noise colour", "reverberation", "telephone band"):
         assert f"**By {title}**" in md
-    assert "| design | all (n=8) |" in md and "Not run (no weights in their run directories): trial 0" in md
+    assert "| design | all (n=8) |" in md and "Not run (neither weights nor test transcripts in their run directories): trial 0" in md
     # cached beside the report: a second report does not run the model again
     monkeypatch.setattr(ConformerCTC, "load", lambda *a: pytest.fail("the model ran again"))
     assert robustness(rows_for(run_dir), f"manifest:{tiny_corpus_dir}", tmp_path).tables == r.tables
@@ -131,3 +131,33 @@ def test_the_report_has_the_robustness_section(run_dir, tiny_corpus_dir, tmp_pat
     md = write_report(study, tmp_path, 1000, "fp32", retrained=rows_for(run_dir)).read_text()
     assert f"## {TITLE}" in md and "**By SNR**" in md
     assert (tmp_path / "robustness.json").is_file()
+
+
+def test_a_run_whose_weights_are_gone_is_tabled_from_the_test_transcripts_its_trainer_kept(tiny_corpus_dir, tmp_path):
+    """A retrain finished on another machine brings its metrics.json and test transcripts, not its
+    weights (results/paper-1m commits the small files only). Its table is the one its weights give,
+    and the kept transcripts score the test WER its metrics record."""
+    import jiwer
+
+    from nas.data.corpus import resolve_data
+    from nas.schedule import load_schedule
+    from nas.train import TEST_TRANSCRIPTS, train
+
+    run, data = tmp_path / "run", f"manifest:{tiny_corpus_dir}"
+    schedule = load_schedule("tiny").model_copy(update={"decode": "beam"})  # as `full` decodes
+    metrics = train(ArchConfig.from_dict(TINY_ARCH), schedule, resolve_data(data), run, progress=False)
+    kept = json.loads((run / TEST_TRANSCRIPTS).read_text())
+    assert kept["decoding"] == "beam + lexicon + LM" and len(kept["hyps"]) == metrics["test"]["utterances"] == 8
+    refs = {u.id: u.text for u in read_manifest(tiny_corpus_dir / "test.jsonl")}
+    assert jiwer.wer([refs[i] for i in kept["hyps"]], list(kept["hyps"].values())) == \
+        pytest.approx(metrics["test"]["beam_wer"])
+    rows = [rows_for(run)[0]]
+    for report_dir in ("a", "b"):
+        (tmp_path / report_dir).mkdir()
+    (run / TEST_TRANSCRIPTS).rename(tmp_path / "aside.json")
+    from_weights = robustness(rows, data, tmp_path / "a")
+    (tmp_path / "aside.json").rename(run / TEST_TRANSCRIPTS)
+    (run / "model.safetensors").unlink()
+    kept_only = robustness(rows, data, tmp_path / "b")
+    assert kept_only.missing == [] and kept_only.decoding == from_weights.decoding == {"trial 3": "beam + lexicon + LM"}
+    assert kept_only.tables == from_weights.tables

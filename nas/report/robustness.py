@@ -50,8 +50,10 @@ def design_name(row: dict) -> str:
 
 def robustness(rows: list[dict], data: str | None, out_dir: Path) -> Robustness | None:
     """Robustness tables of the retrained ``rows`` (``retrained.json``) on the test split of corpus
-    ``data``; None when no row has weights to run (nothing to say)."""
-    runs = [r for r in rows if r.get("run_dir") and (Path(r["run_dir"]) / "model.safetensors").is_file()]
+    ``data``; None when no row has weights to run or test transcripts kept (nothing to say)."""
+    from nas.train import TEST_TRANSCRIPTS
+    runs = [r for r in rows if r.get("run_dir") and any((Path(r["run_dir"]) / name).is_file()
+                                                        for name in ("model.safetensors", TEST_TRANSCRIPTS))]
     if not runs:
         return None
     result = Robustness(missing=[design_name(r) for r in rows if r not in runs])
@@ -80,8 +82,10 @@ def robustness(rows: list[dict], data: str | None, out_dir: Path) -> Robustness 
 
 
 def _hypotheses(row: dict, corpus, features: dict, cache: dict) -> tuple[str, dict, dict, str]:
-    """The design's test hypotheses and references by id, and its decoding; from ``cache`` when
-    its weights, decoder settings and test manifest are those cached."""
+    """The design's test hypotheses and references by id, and its decoding: those its run kept
+    (``test_transcripts.json``, written by the trainer as it scored the test set; a run trained on
+    another machine keeps them when its weights did not come along), else its weights run on the
+    test set, from ``cache`` when its weights, decoder settings and test manifest are those cached."""
     import torch
 
     from nas.config import ArchConfig
@@ -89,8 +93,19 @@ def _hypotheses(row: dict, corpus, features: dict, cache: dict) -> tuple[str, di
     from nas.data.tokenizer import Tokenizer
     from nas.decode import BeamDecoder, BeamSettings, greedy_decode
     from nas.model import ConformerCTC
+    from nas.train import TEST_TRANSCRIPTS
 
     run = Path(row["run_dir"])
+    arch = ArchConfig.from_dict(row["arch"]) if row.get("arch") else ArchConfig.load(run / "arch.json")
+    n_mels = arch.frontend.n_mels
+    if n_mels not in features:
+        features[n_mels] = FeatureSet(corpus.test, corpus.feature_cache, FeatureConfig(n_mels=n_mels))
+    test = features[n_mels]
+    refs = dict(zip(test.ids, test.texts))
+    if (kept := run / TEST_TRANSCRIPTS).is_file():
+        saved = json.loads(kept.read_text())
+        if set(refs) <= set(saved["hyps"]):  # the run scored this test set
+            return "kept", {i: saved["hyps"][i] for i in refs}, refs, saved["decoding"]
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     settings = metrics.get("decoder") if (run / "lm" / "lm.arpa").is_file() else None
     digest = hashlib.sha256((run / "model.safetensors").read_bytes())
@@ -100,11 +115,6 @@ def _hypotheses(row: dict, corpus, features: dict, cache: dict) -> tuple[str, di
     hit = cache.get(row["run_dir"])
     if hit and hit.get("key") == key:
         return key, hit["hyps"], hit["refs"], hit["decoding"]
-    arch = ArchConfig.from_dict(row["arch"]) if row.get("arch") else ArchConfig.load(run / "arch.json")
-    n_mels = arch.frontend.n_mels
-    if n_mels not in features:
-        features[n_mels] = FeatureSet(corpus.test, corpus.feature_cache, FeatureConfig(n_mels=n_mels))
-    test = features[n_mels]
     model = ConformerCTC.load(arch, run / "model.safetensors").eval()
     tokenizer = Tokenizer.load(run / "tokenizer.model")
     decoder = None
@@ -118,7 +128,6 @@ def _hypotheses(row: dict, corpus, features: dict, cache: dict) -> tuple[str, di
             log_probs, lengths = model(batch.feats, batch.feat_lens)
             texts = decoder(log_probs, lengths) if decoder else greedy_decode(log_probs, lengths, tokenizer)
             hyps.update(zip(batch.ids, texts))
-    refs = dict(zip(test.ids, test.texts))
     return key, hyps, refs, "beam + lexicon + LM" if decoder else "greedy"
 
 
@@ -155,5 +164,6 @@ def robustness_section(r: Robustness) -> str:
                                                                for g in groups)] for name, t in r.tables.items()]
             blocks.append(f"**By {TITLES[key]}**\n\n" + _table(header, rows))
     if r.missing:
-        blocks.append(f"Not run (no weights in their run directories): {_escape(', '.join(r.missing))}.")
+        blocks.append("Not run (neither weights nor test transcripts in their run directories): "
+                      f"{_escape(', '.join(r.missing))}.")
     return "\n\n".join([f"## {TITLE}", *blocks])
