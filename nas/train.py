@@ -207,6 +207,7 @@ class Outputs:
     ids: list[str]
     loss: float  # CTC loss per target token
     forward_s: float
+    manifest_sha256: str = ""  # the split's manifest (FeatureSet.manifest_sha256)
 
     @property
     def utterances(self) -> int:
@@ -219,7 +220,7 @@ def forward(model: ConformerCTC, data: FeatureSet, tokenizer: Tokenizer, batch_f
     device = next(model.parameters()).device
     model.eval()
     n = len(data) if limit is None else min(limit, len(data))
-    out = Outputs([], [], [], 0.0, 0.0)
+    out = Outputs([], [], [], 0.0, 0.0, data.manifest_sha256)
     loss, tokens, t0 = 0.0, 0, time.perf_counter()
     with torch.no_grad():
         for idx in bucket_batches(data.lengths[:n], 2 * batch_frames, shuffle=False):
@@ -240,8 +241,9 @@ def score(outputs: Outputs, tokenizer: Tokenizer, decoder: BeamDecoder | None = 
     """Greedy WER and CER of ``outputs``, and with ``decoder`` also ``beam_wer``, ``beam_cer`` and the
     seconds the beam search took (``decode_s``, against ``forward_s`` for the model). With
     ``transcripts``, each utterance's final hypothesis (the beam search's when there is a decoder)
-    is written there by utterance id, as icefall keeps its recogs: the report's robustness tables
-    read them, so they need no weights."""
+    and reference are written there by utterance id, with the split's manifest digest, as icefall
+    keeps its recogs: the report's robustness tables read them, so they need no weights and no
+    features."""
     refs = outputs.refs
     hyps = [h for lp, n in outputs.batches for h in greedy_decode(lp, n, tokenizer)]
     result = {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": outputs.loss,
@@ -257,7 +259,9 @@ def score(outputs: Outputs, tokenizer: Tokenizer, decoder: BeamDecoder | None = 
     if transcripts is not None:
         final = beam if decoder is not None else hyps
         atomic_write(transcripts, json.dumps({"decoding": "beam + lexicon + LM" if decoder else "greedy",
-                                              "hyps": dict(zip(outputs.ids, final))}, indent=0) + "\n")
+                                              "manifest_sha256": outputs.manifest_sha256,
+                                              "hyps": dict(zip(outputs.ids, final)),
+                                              "refs": dict(zip(outputs.ids, refs))}, indent=0) + "\n")
     return result
 
 

@@ -10,7 +10,9 @@ import torch
 
 from conftest import TINY_ARCH
 from nas.config import ArchConfig
-from nas.data.manifest import CONDITIONS, Utterance, read_manifest, write_manifest
+from nas.data.features import FeatureSet
+from nas.data.manifest import CONDITIONS, Utterance, manifest_digest, read_manifest, write_manifest
+from nas.data.text import normalize
 from nas.data.tokenizer import Tokenizer
 from nas.errors import UserError
 from nas.model import ConformerCTC
@@ -113,9 +115,10 @@ def test_each_retrained_design_gets_a_table_per_condition(run_dir, tiny_corpus_d
     md = robustness_section(r)
     for title in ("SNR", "accent", "noise colour", "reverberation", "telephone band"):
         assert f"**By {title}**" in md
-    assert "| design | all (n=8) |" in md and "Not run (neither weights nor test transcripts in their run directories): trial 0" in md
-    # cached beside the report: a second report does not run the model again
+    assert "| design | all (n=8) |" in md and "Not run (neither weights nor transcripts of this test set in their run directories): trial 0" in md
+    # cached beside the report: a second report neither runs the model nor loads the features again
     monkeypatch.setattr(ConformerCTC, "load", lambda *a: pytest.fail("the model ran again"))
+    monkeypatch.setattr(FeatureSet, "__init__", lambda *a, **k: pytest.fail("the test features were loaded"))
     assert robustness(rows_for(run_dir), f"manifest:{tiny_corpus_dir}", tmp_path).tables == r.tables
 
 
@@ -133,10 +136,12 @@ def test_the_report_has_the_robustness_section(run_dir, tiny_corpus_dir, tmp_pat
     assert (tmp_path / "robustness.json").is_file()
 
 
-def test_a_run_whose_weights_are_gone_is_tabled_from_the_test_transcripts_its_trainer_kept(tiny_corpus_dir, tmp_path):
+def test_a_run_whose_weights_are_gone_is_tabled_from_the_test_transcripts_its_trainer_kept(tiny_corpus_dir, tmp_path,
+                                                                                          monkeypatch):
     """A retrain finished on another machine brings its metrics.json and test transcripts, not its
     weights (results/paper-1m commits the small files only). Its table is the one its weights give,
-    and the kept transcripts score the test WER its metrics record."""
+    with no features loaded, and the kept transcripts score the test WER its metrics record.
+    Transcripts of another test manifest are not used."""
     import jiwer
 
     from nas.data.corpus import resolve_data
@@ -148,7 +153,8 @@ def test_a_run_whose_weights_are_gone_is_tabled_from_the_test_transcripts_its_tr
     metrics = train(ArchConfig.from_dict(TINY_ARCH), schedule, resolve_data(data), run, progress=False)
     kept = json.loads((run / TEST_TRANSCRIPTS).read_text())
     assert kept["decoding"] == "beam + lexicon + LM" and len(kept["hyps"]) == metrics["test"]["utterances"] == 8
-    refs = {u.id: u.text for u in read_manifest(tiny_corpus_dir / "test.jsonl")}
+    refs = {u.id: normalize(u.text) for u in read_manifest(tiny_corpus_dir / "test.jsonl")}
+    assert kept["refs"] == refs and kept["manifest_sha256"] == manifest_digest(tiny_corpus_dir / "test.jsonl")
     assert jiwer.wer([refs[i] for i in kept["hyps"]], list(kept["hyps"].values())) == \
         pytest.approx(metrics["test"]["beam_wer"])
     rows = [rows_for(run)[0]]
@@ -158,6 +164,10 @@ def test_a_run_whose_weights_are_gone_is_tabled_from_the_test_transcripts_its_tr
     from_weights = robustness(rows, data, tmp_path / "a")
     (tmp_path / "aside.json").rename(run / TEST_TRANSCRIPTS)
     (run / "model.safetensors").unlink()
+    monkeypatch.setattr(FeatureSet, "__init__", lambda *a, **k: pytest.fail("the test features were loaded"))
     kept_only = robustness(rows, data, tmp_path / "b")
     assert kept_only.missing == [] and kept_only.decoding == from_weights.decoding == {"trial 3": "beam + lexicon + LM"}
     assert kept_only.tables == from_weights.tables
+    assert not (tmp_path / "b" / "robustness.json").exists()  # nothing was run, so nothing is cached
+    (run / TEST_TRANSCRIPTS).write_text(json.dumps(kept | {"manifest_sha256": "another test set"}))
+    assert robustness(rows, data, tmp_path / "b").missing == ["trial 3"]

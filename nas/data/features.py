@@ -159,6 +159,7 @@ class FeatureSet:
     ``skipped`` counts them by reason.
 
     Attributes:
+        manifest_sha256: the manifest's :func:`nas.data.manifest.manifest_digest`: which split this is.
         ids, texts: per utterance, in manifest order; ``texts`` are normalized.
         lengths: frames per utterance.
         skipped: reason → rows left out.
@@ -168,7 +169,8 @@ class FeatureSet:
                  workers: int = 1):
         """``workers``: processes computing the features when they are not cached yet."""
         manifest = Path(manifest)
-        key = hashlib.sha256(read_text(manifest, "manifest file").encode())
+        text = read_text(manifest, "manifest file").encode()
+        key = hashlib.sha256(text)
         key.update(repr((_CACHE_FORMAT, str(manifest.resolve()), astuple(cfg))).encode())
         cache = Path(cache_dir) / f"{manifest.stem}-{key.hexdigest()[:16]}.pt"
         if not cache.is_file():
@@ -180,6 +182,7 @@ class FeatureSet:
         data = torch.load(cache, mmap=True)  # features are paged in as batches use them
         log.info("%s: %d utterances%s; in %s", manifest, len(data["ids"]), skipped_text(data["skipped"]), cache)
         self.cfg = cfg
+        self.manifest_sha256 = hashlib.sha256(text).hexdigest()  # as manifest_digest(manifest)
         self.ids: list[str] = data["ids"]
         self.texts: list[str] = data["texts"]
         self.lengths: list[int] = data["lengths"]

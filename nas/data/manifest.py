@@ -19,6 +19,7 @@ A row may also say how it was recorded, in any of the optional *condition* field
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -51,6 +52,12 @@ class Utterance:
     def conditions(self) -> dict[str, str | float | bool]:
         """The condition fields this row records."""
         return {k: getattr(self, k) for k in CONDITIONS if getattr(self, k) is not None}
+
+
+def manifest_digest(path: str | Path) -> str:
+    """The sha256 of a manifest's text: the identity of a split, kept beside what was scored on it
+    (:class:`nas.data.features.FeatureSet` records it as ``manifest_sha256``)."""
+    return hashlib.sha256(read_text(path, "manifest file").encode()).hexdigest()
 
 
 def read_manifest(path: str | Path, check_files: bool = False) -> list[Utterance]:

@@ -7,9 +7,10 @@ The embedded corpus records them; for a synth corpus made before its manifests d
 again from its parameters (:func:`nas.data.synth.conditions`).
 
 - :func:`nas.conditions.robustness_table` groups any per-utterance hypotheses by condition;
-- :func:`robustness` computes each retrained design's test hypotheses (its weights on the test
-  features, decoded as its run decoded: beam search with its LM when it has one, else greedy),
-  cached in ``robustness.json`` beside the report;
+- :func:`robustness` reads each retrained design's test hypotheses as its trainer kept them
+  (``test_transcripts.json``), else computes them (its weights on the test features, decoded as
+  its run decoded: beam search with its LM when it has one, else greedy), cached in
+  ``robustness.json`` beside the report;
 - :func:`robustness_section` writes the report's section.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nas.conditions import TITLES, conditions_of, percent, robustness_table
-from nas.data.manifest import CONDITIONS
+from nas.data.manifest import CONDITIONS, manifest_digest
 from nas.errors import UserError
 from nas.files import atomic_write
 from nas.report.document import _escape, _table
@@ -71,21 +72,40 @@ def robustness(rows: list[dict], data: str | None, out_dir: Path) -> Robustness 
     result.test = str(corpus.test)
     cache_path = Path(out_dir) / CACHE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    test_digest = manifest_digest(corpus.test)
     features: dict[int, object] = {}
     for row in runs:
-        key, hyps, refs, decoding = _hypotheses(row, corpus, features, cache)
-        cache[row["run_dir"]] = {"key": key, "decoding": decoding, "hyps": hyps, "refs": refs}
+        found = _kept(row, test_digest) or _run_weights(row, corpus, test_digest, features, cache)
+        if found is None:  # its transcripts are of another test set, and its weights are gone
+            result.missing.append(design_name(row))
+            continue
+        hyps, refs, decoding = found
         result.tables[design_name(row)] = robustness_table(refs, hyps, conditions)
         result.decoding[design_name(row)] = decoding
-    atomic_write(cache_path, json.dumps(cache) + "\n")
+    if cache or cache_path.is_file():
+        atomic_write(cache_path, json.dumps(cache) + "\n")
     return result
 
 
-def _hypotheses(row: dict, corpus, features: dict, cache: dict) -> tuple[str, dict, dict, str]:
-    """The design's test hypotheses and references by id, and its decoding: those its run kept
-    (``test_transcripts.json``, written by the trainer as it scored the test set; a run trained on
-    another machine keeps them when its weights did not come along), else its weights run on the
-    test set, from ``cache`` when its weights, decoder settings and test manifest are those cached."""
+def _kept(row: dict, test_digest: str) -> tuple[dict, dict, str] | None:
+    """The design's test hypotheses, references (by id) and decoding as its trainer kept them
+    (``test_transcripts.json``, written as it scored the test set), when they are of this test set.
+    A run trained on another machine keeps them when its weights did not come along."""
+    from nas.train import TEST_TRANSCRIPTS
+
+    kept = Path(row["run_dir"]) / TEST_TRANSCRIPTS
+    if not kept.is_file():
+        return None
+    saved = json.loads(kept.read_text())
+    if saved.get("manifest_sha256") != test_digest:  # scored on another test manifest
+        return None
+    return saved["hyps"], saved["refs"], saved["decoding"]
+
+
+def _run_weights(row: dict, corpus, test_digest: str, features: dict, cache: dict) -> tuple[dict, dict, str] | None:
+    """The design's test hypotheses, references and decoding from its weights run on the test
+    features, decoded as its run decoded; from ``cache`` (updated here) when its weights, decoder
+    settings and test manifest are those cached. None when its weights are gone."""
     import torch
 
     from nas.config import ArchConfig
@@ -93,28 +113,24 @@ def _hypotheses(row: dict, corpus, features: dict, cache: dict) -> tuple[str, di
     from nas.data.tokenizer import Tokenizer
     from nas.decode import BeamDecoder, BeamSettings, greedy_decode
     from nas.model import ConformerCTC
-    from nas.train import TEST_TRANSCRIPTS
 
     run = Path(row["run_dir"])
+    if not (run / "model.safetensors").is_file():
+        return None
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    settings = metrics.get("decoder") if (run / "lm" / "lm.arpa").is_file() else None
+    digest = hashlib.sha256((run / "model.safetensors").read_bytes())
+    digest.update(test_digest.encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    key = digest.hexdigest()
+    hit = cache.get(row["run_dir"])
+    if hit and hit.get("key") == key:
+        return hit["hyps"], hit["refs"], hit["decoding"]
     arch = ArchConfig.from_dict(row["arch"]) if row.get("arch") else ArchConfig.load(run / "arch.json")
     n_mels = arch.frontend.n_mels
     if n_mels not in features:
         features[n_mels] = FeatureSet(corpus.test, corpus.feature_cache, FeatureConfig(n_mels=n_mels))
     test = features[n_mels]
-    refs = dict(zip(test.ids, test.texts))
-    if (kept := run / TEST_TRANSCRIPTS).is_file():
-        saved = json.loads(kept.read_text())
-        if set(refs) <= set(saved["hyps"]):  # the run scored this test set
-            return "kept", {i: saved["hyps"][i] for i in refs}, refs, saved["decoding"]
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    settings = metrics.get("decoder") if (run / "lm" / "lm.arpa").is_file() else None
-    digest = hashlib.sha256((run / "model.safetensors").read_bytes())
-    digest.update(Path(corpus.test).read_bytes())
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    key = digest.hexdigest()
-    hit = cache.get(row["run_dir"])
-    if hit and hit.get("key") == key:
-        return key, hit["hyps"], hit["refs"], hit["decoding"]
     model = ConformerCTC.load(arch, run / "model.safetensors").eval()
     tokenizer = Tokenizer.load(run / "tokenizer.model")
     decoder = None
@@ -128,7 +144,10 @@ def _hypotheses(row: dict, corpus, features: dict, cache: dict) -> tuple[str, di
             log_probs, lengths = model(batch.feats, batch.feat_lens)
             texts = decoder(log_probs, lengths) if decoder else greedy_decode(log_probs, lengths, tokenizer)
             hyps.update(zip(batch.ids, texts))
-    return key, hyps, refs, "beam + lexicon + LM" if decoder else "greedy"
+    refs = dict(zip(test.ids, test.texts))
+    decoding = "beam + lexicon + LM" if decoder else "greedy"
+    cache[row["run_dir"]] = {"key": key, "decoding": decoding, "hyps": hyps, "refs": refs}
+    return hyps, refs, decoding
 
 
 # ---- the report section ---------------------------------------------------------------------
@@ -164,6 +183,6 @@ def robustness_section(r: Robustness) -> str:
                                                                for g in groups)] for name, t in r.tables.items()]
             blocks.append(f"**By {TITLES[key]}**\n\n" + _table(header, rows))
     if r.missing:
-        blocks.append("Not run (neither weights nor test transcripts in their run directories): "
+        blocks.append("Not run (neither weights nor transcripts of this test set in their run directories): "
                       f"{_escape(', '.join(r.missing))}.")
     return "\n\n".join([f"## {TITLE}", *blocks])
