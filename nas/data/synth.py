@@ -306,10 +306,15 @@ def _render_all(out_dir: Path, takes: dict[str, list[Take]], workers: int, progr
     chunks = [(out_dir, split[i : i + CHUNK]) for split in takes.values() for i in range(0, len(split), CHUNK)]
     total = sum(map(len, takes.values()))
     durations: dict[str, float] = {}
-    # fork: workers start at once and inherit the loaded modules, but never libespeak-ng, which
-    # this process does not load; maxtasksperchild=1: a new process, a fresh library, per chunk
+    # forkserver: each worker is forked from a server process that has only imported this module, so
+    # workers start fast and never hold libespeak-ng from before. Not plain fork: this process has
+    # threads by now (the pool's own, a run's timing writer, torch's), and a child forked while one
+    # of them held a lock waits on it for ever (seen: a `nas demo` stuck 9 min into synthesis).
+    # maxtasksperchild=1: a new process, a fresh library, per chunk.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
     with (
-        multiprocessing.get_context("fork").Pool(workers, maxtasksperchild=1) as pool,
+        context.Pool(workers, maxtasksperchild=1) as pool,
         tqdm(total=total, desc=f"synth {out_dir.name}", unit="utt", disable=not progress) as bar,
     ):
         for done in pool.imap(_render_chunk, chunks):
@@ -321,7 +326,7 @@ def _render_all(out_dir: Path, takes: dict[str, list[Take]], workers: int, progr
 def _render_chunk(job: tuple[Path, list[Take]]) -> dict[str, float]:
     """Worker: synthesize a chunk of takes in order, with this process's fresh libespeak-ng."""
     out_dir, takes = job
-    torch.set_num_threads(1)  # one process per core; a forked OpenMP pool must not be used either
+    torch.set_num_threads(1)  # one process per core
     espeak = Espeak()
     return {take.id: _render(take, espeak, out_dir) for take in takes}
 

@@ -37,6 +37,37 @@ def test_same_seed_gives_the_same_corpus_whatever_the_workers(corpus, tmp_path):
         assert (again / wav).read_bytes() == (corpus / wav).read_bytes()
 
 
+def test_synthesis_never_forks_the_calling_process_whose_other_threads_hold_locks(tmp_path):
+    """A run synthesizes its corpus while it has other threads (a sitting's timing writer, Ray's,
+    torch's). A child forked from it while one of them holds a lock inherits the lock held, and a
+    fork waits for locks that fork hooks take: here another thread holds logging's module lock,
+    which os.fork's hook takes, for the whole build. Workers forked from this process could never
+    start; the build finishes only because they come from a server that has no such threads."""
+    import logging
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with logging._lock:  # as a thread that is logging at the moment of a fork
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold_the_lock, daemon=True)
+    holder.start()
+    held.wait()
+    built: list[Path] = []
+    builder = threading.Thread(target=lambda: built.append(synth.build(tmp_path / "c", **TINY, workers=2,
+                                                                       progress=False)), daemon=True)
+    try:
+        builder.start()
+        builder.join(timeout=300)  # a deadlock, not a speed check: the build takes seconds
+        assert built and (built[0] / "done.json").is_file(), "synthesis forked this process and hung"
+    finally:
+        release.set()
+        builder.join()
+
+
 def test_another_seed_draws_another_corpus():
     plans = [synth.plan(**{**TINY, "seed": seed}) for seed in (0, 1)]
     for split in SPLITS:
