@@ -98,7 +98,8 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
     # beside the first seeds; only the best searched design's further seeds wait for those.
     baselines = [r for r in chosen if r.label in BASELINES]
     early = [pair for seed in more_seeds for pair in jobs_for(baselines, seed)]
-    run(pairs + early, "designs" + (f", and the baselines with {seeds - 1} more seeds" if early else ""))
+    again_n = f"{seeds - 1} more seed{'s' if seeds > 2 else ''}"
+    run(pairs + early, f"runs of {len(chosen)} designs" + (f" (the baselines with {again_n})" if early else ""))
     rows = [_row(r, j, schedule) for r, j in pairs]
     if seeds > 1:
         budget = parse_budget(settings["budget"])
@@ -107,7 +108,7 @@ def retrain(study: optuna.Study, out: Path, top: int, schedule: str, workers: in
         best = min(searched, key=lambda row: row["full_dev_wer"])["number"] if searched else None
         again = [r for r in chosen if r.number == best or r.label in BASELINES]
         more = [pair for seed in more_seeds for pair in jobs_for(again, seed)]
-        run(more, f"runs of {len(again)} designs with {seeds - 1} more seeds")
+        run(more, f"runs of {len(again)} designs with {again_n}")
         rows += [_row(r, j, schedule) for r, j in more]
     atomic_write(out / "retrained.json", json.dumps(rows, indent=2) + "\n")
     for r in rows:
