@@ -166,7 +166,7 @@ def _say(voice: str) -> np.ndarray | str:
 def test_the_espeak_binding_in_fresh_processes():
     """The same text, voice and seed give the same samples; an unknown voice is an error. Each call
     runs in a new process, as the corpus does: this one never loads libespeak-ng."""
-    with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
+    with multiprocessing.get_context("forkserver").Pool(1, maxtasksperchild=1) as pool:
         first, again, bad = pool.map(_say, ["en-us+m3", "en-us+m3", "xx-no-such-voice"], chunksize=1)
     assert first.dtype == np.float32 and 0.5 < len(first) / ESPEAK_RATE < 3 and np.abs(first).max() > 0.01
     assert np.array_equal(first, again)
