@@ -18,7 +18,7 @@ from nas.data.corpus import resolve_data
 from nas.pareto import front, reference_point
 from nas.report import decisions, param_importances, write_report
 from nas.report.document import headline_section
-from nas.report.verdict import headline, headline_json
+from nas.report.verdict import headline, headline_json, shortfall
 from nas.schedule import load_schedule
 from nas.space import load_space
 from nas.study import BudgetGate, enqueue_design, objective_values
@@ -229,6 +229,36 @@ def test_the_verdict_beats_only_beyond_twice_the_larger_seed_deviation():
     assert h.verdict == "yes" and h.goal_ratio <= 0.90 and "**Yes:" in headline_section(h)
     worse = [r | {"full_test_wer": r["full_test_wer"] + 0.2} for r in searched]
     assert headline(worse + unshared + paper, budget_bytes=500).verdict == "no"
+
+
+def test_a_missed_goal_comes_with_the_budget_the_baselines_use_and_the_searched_designs_proxy_standing():
+    """The facts behind a missed goal: the share of the budget each baseline uses, and whether the
+    search's own proxy already put the searched design behind the baselines (then the search found
+    nothing better; else the proxy misranked it)."""
+    def proxy(rows, value):
+        return [r | {"proxy_signal": "loss", "proxy_value": value} for r in rows]
+    unshared = proxy(seeds_of(0, "unshared", [0.14, 0.14, 0.16], bytes=376), 0.748)
+    paper = proxy(seeds_of(1, "paper", [0.145, 0.147, 0.146], bytes=393), 0.734)
+    searched = seeds_of(37, None, [0.170, 0.169, 0.169], bytes=316)
+    h = headline(proxy(searched, 0.878) + unshared + paper, budget_bytes=400)
+    assert h.verdict == "no" and h.goal_ratio > 0.90
+    s = shortfall(h)
+    assert s.budget_share == {"unshared": 0.94, "paper": 0.9825} and s.behind_on_the_proxy is True
+    md = headline_section(h)
+    assert "the baselines use 94% (unshared) and 98% (paper) of the budget's bytes" in md
+    assert "proxy loss already put the searched design behind (0.878 against paper's 0.734)" in md
+
+    h = headline(proxy(searched, 0.70) + unshared + paper, budget_bytes=400)
+    assert shortfall(h).behind_on_the_proxy is False
+    assert "proxy loss put the searched design ahead (0.7 against paper's 0.734) and full training did not" in \
+        headline_section(h)
+    h = headline(searched + unshared + paper, budget_bytes=400)  # rows without the proxy's value: bytes only
+    assert shortfall(h).behind_on_the_proxy is None and "Why the goal is missed" in headline_section(h)
+    assert "proxy" not in headline_section(h).split("Why the goal is missed")[1].split("**")[0]
+
+    met = [r | {"full_test_wer": 0.10} for r in searched]  # 0.69x the better baseline: nothing to explain
+    h = headline(proxy(met, 0.878) + unshared + paper, budget_bytes=400)
+    assert h.goal_ratio <= 0.90 and shortfall(h) is None and "Why the goal is missed" not in headline_section(h)
 
 
 def test_with_one_seed_there_is_no_winner_and_missing_designs_are_named():

@@ -20,7 +20,7 @@ from nas.report.analysis import (MIN_ROWS_FOR_FIDELITY, Fidelity, FrontView,
                                  Hypervolume, Signal, Summary)
 from nas.report.importance import MIN_TRIALS_FOR_IMPORTANCE, Importance
 from nas.report.sharing import LEVELS, FrontSharing
-from nas.report.verdict import GOAL_RATIO, NOISE_SIGMAS, Entry, Headline
+from nas.report.verdict import GOAL_RATIO, NOISE_SIGMAS, Entry, Headline, Shortfall, shortfall
 from nas.trials import STATES
 
 
@@ -61,13 +61,32 @@ def headline_section(h: Headline) -> str:
     decoding = next((e.rows[0].get("decoding") for e in (h.best, *h.baselines.values()) if e), None)
     return _section(HEADLINE, _table(["design", "trial", "params", "bytes", "seeds", "dev WER", "test WER",
                                       "test CER", "searched design against this"], rows),
-                    f"**{_verdict(h)}**",
+                    f"**{_verdict(h)}**", _shortfall(shortfall(h)),
                     "WERs after full retraining" + (f", decoded with {decoding}" if decoding else "") + "; test WER "
                     "as mean ± standard deviation over seeds. The searched design is the retrained design the "
                     "search found (no label) with the lowest mean full dev WER within the budget, so the test set "
                     f"plays no part in choosing it. It **beats** a baseline when its mean test WER is lower by more "
                     f"than {NOISE_SIGMAS:g} times the larger standard deviation of the two; a difference smaller "
                     "than that is **within noise**.")
+
+
+def _shortfall(s: Shortfall | None) -> str | None:
+    if s is None:
+        return None
+    shares = " and ".join(f"{share:.0%} ({label})" for label, share in s.budget_share.items())
+    text = (f"Why the goal is missed, as far as these numbers tell: the baselines use {shares} of the budget's bytes, "
+            "so at this budget sharing is not needed for them to fit, only to save bytes.")
+    if s.behind_on_the_proxy is None:
+        return text
+    label, value = min(s.proxy_baselines.items(), key=lambda kv: kv[1])
+    signal = Signal(s.proxy_signal or "value")
+    values = f"{_value(signal, s.proxy_searched)} against {label}'s {_value(signal, value)}"
+    if s.behind_on_the_proxy:
+        return text + (f" The search's proxy {signal.title} already put the searched design behind ({values}): "
+                       "the search found no design that its proxy ranked ahead of the hand designs, so the lever is "
+                       "the space or the number of trials rather than the proxy.")
+    return text + (f" The search's proxy {signal.title} put the searched design ahead ({values}) and full training "
+                   "did not: the proxy misranked it.")
 
 
 def _mean_std(e: Entry, key: str) -> str:
@@ -266,7 +285,7 @@ def summary_section(s: Summary) -> str:
 # ---- Markdown -----------------------------------------------------------------------------
 
 def _section(title: str, *blocks: str) -> str:
-    return "\n\n".join([f"## {title}", *blocks])
+    return "\n\n".join([f"## {title}", *(b for b in blocks if b is not None)])
 
 
 def _image(png: str | Path, alt: str) -> str:

@@ -79,6 +79,7 @@ class Headline:
     baselines: dict[str, Entry | None]
     comparisons: dict[str, Comparison]
     verdict: str  # one of VERDICTS
+    budget_bytes: int
 
     @property
     def missing(self) -> list[str]:
@@ -124,7 +125,37 @@ def headline(rows: list[dict], budget_bytes: int) -> Headline:
         outcomes = {c.outcome for c in comparisons.values()}
         verdict = ("no noise estimate" if "no noise estimate" in outcomes else "no" if "worse" in outcomes
                    else "yes" if outcomes == {"beats"} else "within noise")
-    return Headline(best, base, comparisons, verdict)
+    return Headline(best, base, comparisons, verdict, budget_bytes)
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """Where a verdict misses the goal, the measured facts that bear on why: how much of the budget
+    each baseline already uses (sharing is needed to fit only where a design would not), and the
+    search's own proxy value of the searched design against the baselines' (lower is better for
+    every proxy signal). Behind on the proxy too: the search found nothing the proxy put ahead, and
+    the lever is the space or the number of trials. Ahead on the proxy: the proxy misranked it."""
+
+    budget_share: dict[str, float]  # each baseline's bytes over the budget's
+    proxy_signal: str | None
+    proxy_searched: float | None
+    proxy_baselines: dict[str, float]
+
+    @property
+    def behind_on_the_proxy(self) -> bool | None:
+        if self.proxy_searched is None or not self.proxy_baselines:
+            return None
+        return self.proxy_searched > min(self.proxy_baselines.values())
+
+
+def shortfall(h: Headline) -> Shortfall | None:
+    """The facts behind a missed goal; None where the goal is met or there is no verdict to explain."""
+    if h.verdict not in ("yes", "no", "within noise") or h.goal_ratio is None or h.goal_ratio <= GOAL_RATIO:
+        return None
+    base = {label: e for label, e in h.baselines.items() if e is not None}
+    proxy = {label: e.rows[0]["proxy_value"] for label, e in base.items() if e.rows[0].get("proxy_value") is not None}
+    return Shortfall({label: e.rows[0]["bytes"] / h.budget_bytes for label, e in base.items()},
+                     h.best.rows[0].get("proxy_signal"), h.best.rows[0].get("proxy_value"), proxy)
 
 
 def headline_json(h: Headline) -> dict:
