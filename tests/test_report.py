@@ -245,7 +245,7 @@ def test_a_missed_goal_comes_with_the_budget_the_baselines_use_and_the_searched_
     s = shortfall(h)
     assert s.budget_share == {"unshared": 0.94, "paper": 0.9825} and s.behind_on_the_proxy is True
     md = headline_section(h)
-    assert "the baselines use 94% (unshared) and 98% (paper) of the budget's bytes" in md
+    assert "the unshared baseline fits in 94% of the budget's bytes (the paper-style design in 98%)" in md
     assert "proxy loss already put the searched design behind (0.878 against paper's 0.734)" in md
 
     h = headline(proxy(searched, 0.70) + unshared + paper, budget_bytes=400)

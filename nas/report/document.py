@@ -73,9 +73,10 @@ def headline_section(h: Headline) -> str:
 def _shortfall(s: Shortfall | None) -> str | None:
     if s is None:
         return None
-    shares = " and ".join(f"{share:.0%} ({label})" for label, share in s.budget_share.items())
-    text = (f"Why the goal is missed, as far as these numbers tell: the baselines use {shares} of the budget's bytes, "
-            "so at this budget sharing is not needed for them to fit, only to save bytes.")
+    share = s.budget_share
+    text = (f"Why the goal is missed, as far as these numbers tell: the unshared baseline fits in {share['unshared']:.0%} "
+            f"of the budget's bytes (the paper-style design in {share['paper']:.0%}), so at this budget a design needs "
+            "no sharing to fit, and sharing can only save bytes.")
     if s.behind_on_the_proxy is None:
         return text
     label, value = min(s.proxy_baselines.items(), key=lambda kv: kv[1])

@@ -136,7 +136,7 @@ class Shortfall:
     every proxy signal). Behind on the proxy too: the search found nothing the proxy put ahead, and
     the lever is the space or the number of trials. Ahead on the proxy: the proxy misranked it."""
 
-    budget_share: dict[str, float]  # each baseline's bytes over the budget's
+    budget_share: dict[str, float]  # each baseline's bytes over the budget's (both are present for a verdict)
     proxy_signal: str | None
     proxy_searched: float | None
     proxy_baselines: dict[str, float]
