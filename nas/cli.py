@@ -185,7 +185,7 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=["fixed", "asha"],
                     help="asha: successive halving over rungs; fixed: every design trains the proxy "
                          f"(default {DEFAULT_FIDELITY}: more designs in the same time, measured by nas bench search)")
-    se.add_argument("--rungs", default="1,3,9", help="asha: rungs as multiples of the proxy's steps (default 1,3,9)")
+    se.add_argument("--rungs", default="3,9", help="asha: rungs as multiples of the proxy's steps (default 3,9)")
     se.add_argument("--eta", type=_positive, default=3, help="asha: the first 1/eta of a rung in MOASHA order goes on")
     se.add_argument("--enqueue", type=Path, action="append", default=[], help="ArchConfig JSON to add (repeatable)")
     se.add_argument("--no-baselines", action="store_true", help="don't add the built-in baselines")

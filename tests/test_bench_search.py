@@ -5,6 +5,7 @@ import json
 import pytest
 
 from nas.bench.search import bench_search
+from nas.schedule import Rungs
 
 
 @pytest.mark.slow
@@ -24,11 +25,14 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
         test = json.loads(run.read_text())["test"]  # tiny decodes greedily: no beam WER
         assert "beam_wer" not in test and modes[mode]["best_reference_test_wer"] == round(test["wer"], 4)
     # A design that both modes chose is retrained once; distinct designs each get a run.
-    chosen = {m: json.loads((out / f"{m}-1.5min.json").read_text())["best_arch"] for m in ("fixed", "asha")}
+    # halving's part is named by the search's default rungs
+    names = {"fixed": "fixed", "asha": Rungs().tag}
+    assert names["asha"] == "asha3-9" and modes["asha"]["rungs"] == [3, 9]
+    chosen = {m: json.loads((out / f"{names[m]}-1.5min.json").read_text())["best_arch"] for m in names}
     same = chosen["fixed"] == chosen["asha"]
     assert modes["fixed"]["reference_run"] == "reference-fixed-1.5min"
-    assert modes["asha"]["reference_run"] == ("reference-fixed-1.5min" if same else "reference-asha-1.5min")
-    assert (out / "reference-asha-1.5min").exists() != same
+    assert modes["asha"]["reference_run"] == ("reference-fixed-1.5min" if same else "reference-asha3-9-1.5min")
+    assert (out / "reference-asha3-9-1.5min").exists() != same
     # The fixed proxy trains every design as long as halving's last rung (tiny's steps, 9x).
     from nas.schedule import load_schedule
     fixed = load_schedule(str(out / "tiny-x9.yaml"))
@@ -37,8 +41,8 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
     # The designs still training when a timed part's time ran out end as FAILED, with a reason.
     import optuna
     for mode in ("fixed", "asha"):
-        trials = optuna.load_study(study_name=f"{mode}-1.5min",
-                                   storage=f"sqlite:///{out / f'{mode}-1.5min' / 'study.db'}").get_trials()
+        study = f"{names[mode]}-1.5min"
+        trials = optuna.load_study(study_name=study, storage=f"sqlite:///{out / study / 'study.db'}").get_trials()
         assert not [t for t in trials if t.state.name == "RUNNING"]
         assert all(t.user_attrs.get("fail_reason") for t in trials if t.state.name == "FAIL"
                    and "invalid" not in t.user_attrs)  # the time budget's, or a worker's failure

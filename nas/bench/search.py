@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from nas.files import atomic_write
+from nas.schedule import Rungs
 from nas.study import DEFAULT_FIDELITY, DEFAULT_OBJECTIVES
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -85,8 +86,9 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
             # As the search runs by default: at the proxy's own length every design's WER sits near 1.0
             # (0.97-1.01 over tpe-0's 12 designs on 2026-11-29), so the front, and its hypervolume, would
             # measure size alone; halving's complete designs are ranked after its last rung.
-            done = search(f"{sampler}-{seed}-{DEFAULT_FIDELITY}", trials=trials, sampler=sampler, seed=seed,
-                          fidelity=DEFAULT_FIDELITY)
+            # named by the rungs too: studies under other rungs (asha1-3-9, measured before) stay as they are
+            tag = Rungs().tag if DEFAULT_FIDELITY == "asha" else DEFAULT_FIDELITY
+            done = search(f"{sampler}-{seed}-{tag}", trials=trials, sampler=sampler, seed=seed, fidelity=DEFAULT_FIDELITY)
             studies[sampler].append(done)
             waste[sampler].append(tally(done).infeasible_share)
             overhead += [1 - r.trainer_seconds / r.duration_s for r in done if r.trainer_seconds and r.duration_s]
@@ -134,7 +136,7 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
 
     from nas.config import ArchConfig
     from nas.data.corpus import resolve_data
-    from nas.schedule import Rungs, load_schedule
+    from nas.schedule import load_schedule
     from nas.train import train
     from nas.workers import run_key
 
@@ -143,8 +145,10 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
     top_file = results / f"{top.name}.yaml"
     atomic_write(top_file, yaml.safe_dump(top.model_dump(mode="json"), sort_keys=False))
     out = {}
-    for fidelity in ("fixed", "asha"):
-        def timed(study=f"{fidelity}-{minutes:g}min", fidelity=fidelity) -> dict:
+    # Halving's part is named by its rungs (asha3-9-60min), so one measured under other rungs stays beside it.
+    names = {"fixed": "fixed", "asha": rungs.tag}
+    for fidelity, name in names.items():
+        def timed(study=f"{name}-{minutes:g}min", fidelity=fidelity) -> dict:
             fixed = {"proxy": str(top_file.resolve())} if fidelity == "fixed" else {}
             done = search(study, trials=100_000, fidelity=fidelity, seed=0, time_budget_s=minutes * 60, **fixed)
             complete = [r for r in done if r.state == "complete"]
@@ -153,7 +157,7 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
                     "complete": len(complete), "stopped_at_a_rung": sum(r.state == "pruned" for r in done),
                     **({"best_trial": best.number, "best_bytes": best.bytes,
                         "best_arch": best.arch.model_dump(mode="json")} if best else {})}
-        out[fidelity] = _once(results / f"{fidelity}-{minutes:g}min", timed)
+        out[fidelity] = _once(results / f"{name}-{minutes:g}min", timed) | ({"rungs": list(rungs.multiples)} if fidelity == "asha" else {})
     # Both timed parts before either retrain, so the hours that must not be cut come first.
     ref = load_schedule(reference)
     runs: dict[str, Path] = {}  # one retrain per distinct design (as the search keys runs): both modes may choose the same
@@ -161,7 +165,7 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
         if "best_arch" in row:
             arch = ArchConfig.from_dict(row.pop("best_arch"))
             # named by the timed length too: the directory is shared by every --fidelity-minutes
-            run = runs.setdefault(run_key(arch, ref), results / f"reference-{fidelity}-{minutes:g}min")
+            run = runs.setdefault(run_key(arch, ref), results / f"reference-{names[fidelity]}-{minutes:g}min")
             # a finished run is read back, a cut one resumes
             m = _read(run / "metrics.json") or train(arch, ref, resolve_data(data), run, progress=False)
             test = m["test"]
