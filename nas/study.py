@@ -42,13 +42,14 @@ SIGNALS = {"wer": "dev_wer", "cer": "dev_cer", "loss": "dev_loss", "train_loss":
 # `nas bench fidelity` measured to rank them most as full training does (results/bench.md,
 # `best_by_fidelity`: 10 designs at 1M, Kendall tau against full dev WER; parameter count alone
 # gives 0.719). A fixed proxy reads its signal once, after its 300 annealed steps: dev WER, 0.568,
-# where CER gives 0.449 and loss 0.405. Successive halving reads it at every rung: dev loss is the
-# best at its worst rung, 0.629 after 300 steps (WER 0.494), and best or tied at 900 and 2,700
-# steps (0.854; WER 0.854 and 0.809).
+# where CER gives 0.449 and loss 0.405. Successive halving reads it at every rung (900 and 2,700
+# steps by default, nas.schedule.Rungs): dev loss is best or tied at both (0.854; WER 0.854 and
+# 0.809). At 300 steps, a rung no longer used by default, loss gives 0.629 and WER 0.494.
 BEST_SIGNAL = {"fixed": "wer", "asha": "loss"}
 # How a search trains its designs unless told otherwise: successive halving (nas.asha), which
 # `nas bench search` measured against a fixed proxy as long as its last rung at equal wall time
-# (60 min on 2 cores, objective wer): 14 designs evaluated against 5, and the same best design.
+# (60 min on 2 cores, objective loss, rungs 3x and 9x): 11 designs evaluated against 6, and the
+# same best design (results/bench-search/paper-1M-loss-73d388bc/{asha3-9,fixed}-60min.json).
 # A fixed proxy as short as the first rung ranks worse than parameter count (tau above).
 DEFAULT_FIDELITY = "asha"
 
