@@ -104,6 +104,7 @@ def _log_file(directory: Path) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     from nas.study import DEFAULT_FIDELITY, DEFAULT_OBJECTIVES, SIGNALS, default_objectives
+    from nas.schedule import Rungs
 
     p = _Parser(prog="nas", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(parser_class=_Parser)
@@ -127,6 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"search: the proxy signal (default {DEFAULT_OBJECTIVES[0]})")
     b.add_argument("--fidelity-minutes", type=float, default=0,
                    help="search: also compare --fidelity fixed and asha, this many minutes each (default: skip)")
+    b.add_argument("--rungs", help="search: the rungs of every search under --fidelity asha, as for nas search "
+                                   f"(default {','.join(map(str, Rungs().multiples))})")
     b.add_argument("--reference", default="full", help="search: the schedule that retrains each mode's best design; "
                    "fidelity: the schedule the proxies are ranked against (default full)")
     b.add_argument("--jobs", type=_positive, default=1,
@@ -185,7 +188,8 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=["fixed", "asha"],
                     help="asha: successive halving over rungs; fixed: every design trains the proxy "
                          f"(default {DEFAULT_FIDELITY}: more designs in the same time, measured by nas bench search)")
-    se.add_argument("--rungs", default="3,9", help="asha: rungs as multiples of the proxy's steps (default 3,9)")
+    se.add_argument("--rungs", help="asha: rungs as increasing multiples of the proxy's steps "
+                                    f"(default {','.join(map(str, Rungs().multiples))})")
     se.add_argument("--eta", type=_positive, default=3, help="asha: the first 1/eta of a rung in MOASHA order goes on")
     se.add_argument("--enqueue", type=Path, action="append", default=[], help="ArchConfig JSON to add (repeatable)")
     se.add_argument("--no-baselines", action="store_true", help="don't add the built-in baselines")
@@ -352,17 +356,22 @@ def _megabytes(text: str) -> float:
     return nbytes / 1e6
 
 
-def _rungs(text: str, eta: int):
+def _rungs(text: str | None, eta: int):
+    """``--rungs`` (None: the default rungs) and ``--eta``. Any increasing whole multiples will do:
+    the curve is read after every proxy's steps, so at every rung."""
     from nas.schedule import Rungs
 
+    if eta < 2:
+        raise UserError("--eta", "", f"{eta} must be at least 2")
+    if text is None:
+        return Rungs(eta=eta)
     try:
         multiples = tuple(int(x) for x in text.split(","))
     except ValueError:
         multiples = ()
-    if len(multiples) < 2 or multiples[0] < 1 or any(b <= a or b % multiples[0] for a, b in zip(multiples, multiples[1:])):
-        raise UserError("--rungs", "", f"{text!r}: expected increasing multiples of the first, such as 1,3,9")
-    if eta < 2:
-        raise UserError("--eta", "", f"{eta} must be at least 2")
+    if len(multiples) < 2 or multiples[0] < 1 or any(b <= a for a, b in zip(multiples, multiples[1:])):
+        raise UserError("--rungs", "", f"{text!r}: expected two or more increasing whole multiples of the proxy's "
+                                       "steps, such as 3,9")
     return Rungs(multiples, eta)
 
 
@@ -388,10 +397,12 @@ def _positive(text: str) -> int:
 
 def _bench(args) -> int:
     from nas import bench
+    from nas.schedule import Rungs
 
     search = {"trials": args.trials, "seeds": args.seeds, "space": args.space, "budget": args.budget,
               "proxy": args.proxy, "data": args.data, "objective": args.objective,
-              "fidelity_minutes": args.fidelity_minutes, "reference": args.reference}
+              "fidelity_minutes": args.fidelity_minutes, "reference": args.reference,
+              "rungs": _rungs(args.rungs, Rungs().eta)}
     designs = tuple(d.strip() for d in args.designs.split(","))
     if not designs or not set(designs) <= {"unshared", "paper"}:
         raise UserError("--designs", "", f"{args.designs!r}: expected unshared, paper or both, comma-separated")

@@ -25,13 +25,13 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
         test = json.loads(run.read_text())["test"]  # tiny decodes greedily: no beam WER
         assert "beam_wer" not in test and modes[mode]["best_reference_test_wer"] == round(test["wer"], 4)
     # A design that both modes chose is retrained once; distinct designs each get a run.
-    # halving's part is named by the search's default rungs
-    names = {"fixed": "fixed", "asha": Rungs().tag}
+    # each part is named by what it trains: the fixed proxy's length, halving's rungs (the default)
+    names = {"fixed": "fixed-x9", "asha": Rungs().tag}
     assert names["asha"] == "asha3-9" and modes["asha"]["rungs"] == [3, 9]
     chosen = {m: json.loads((out / f"{names[m]}-1.5min.json").read_text())["best_arch"] for m in names}
     same = chosen["fixed"] == chosen["asha"]
-    assert modes["fixed"]["reference_run"] == "reference-fixed-1.5min"
-    assert modes["asha"]["reference_run"] == ("reference-fixed-1.5min" if same else "reference-asha3-9-1.5min")
+    assert modes["fixed"]["reference_run"] == "reference-fixed-x9-1.5min"
+    assert modes["asha"]["reference_run"] == ("reference-fixed-x9-1.5min" if same else "reference-asha3-9-1.5min")
     assert (out / "reference-asha3-9-1.5min").exists() != same
     # The fixed proxy trains every design as long as halving's last rung (tiny's steps, 9x).
     from nas.schedule import load_schedule
@@ -63,4 +63,11 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
 
     # Other settings measure into a directory of their own: nothing measured before is lost.
     bench_search(**args | {"trials": 1, "fidelity_minutes": 0})
-    assert len(list((tmp_path / "b").iterdir())) == 2 and (out / "fixed-1.5min.json").is_file()
+    assert len(list((tmp_path / "b").iterdir())) == 2 and (out / "fixed-x9-1.5min.json").is_file()
+
+    # Other rungs with the same last one: halving is measured under its own name, and compared with
+    # the fixed proxy measured before (read back); its sampler studies are its own too.
+    other = bench_search(**args | {"rungs": Rungs((2, 9))})["fidelity_fixed_vs_asha"]
+    assert other["fixed"] == first["fidelity_fixed_vs_asha"]["fixed"] and other["asha"]["rungs"] == [2, 9]
+    assert (out / "fixed-x9-1.5min" / "study.db").stat().st_mtime_ns == studies["fixed-x9-1.5min"]
+    assert (out / "asha2-9-1.5min.json").is_file() and (out / "tpe-0-asha2-9" / "study.db").is_file()

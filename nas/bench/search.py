@@ -19,7 +19,7 @@ SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
 def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", budget: str = "1M",
                  proxy: str = "proxy", data: str = "synth", parallel_trials: int = 4, objective: str = DEFAULT_OBJECTIVES[0],
-                 fidelity_minutes: float = 0, reference: str = "full",
+                 fidelity_minutes: float = 0, reference: str = "full", rungs: Rungs = Rungs(),
                  results: Path = Path("results/bench-search")) -> dict:
     """The default sampler (TPE) against random sampling on the same space, budget and proxy, over
     ``seeds`` seeds and ``trials`` trials each, under the search's default fidelity: hypervolume of
@@ -32,7 +32,8 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     With ``fidelity_minutes``, also ``--fidelity asha`` against a fixed proxy as long as its last
     rung (seed 0), each searching for that long: the designs each evaluated (complete, or stopped
     at a rung), and the ``reference`` schedule's test WER of each one's best complete design
-    (:func:`compare_fidelity`).
+    (:func:`compare_fidelity`). Every search under ``--fidelity asha`` runs ``rungs``; its studies
+    are named by them, so those measured under other rungs stay beside them.
 
     It takes hours at the default size, so it resumes: run it again with the same arguments and
     the sampler studies continue where they stopped (Optuna storage), a timed part that finished
@@ -67,7 +68,7 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     def search(study: str, **kw) -> list:
         # Every design trains the proxy unless a part says otherwise (workers against threads: the same
         # designs at the same cost).
-        settings = SearchSettings(**{"space": sp, "budget": b, "study": study, "data": data, "proxy": proxy,
+        settings = SearchSettings(**{"space": sp, "budget": b, "study": study, "data": data, "proxy": proxy, "rungs": rungs,
                                      "results": results, "baselines": False, "objectives": (objective, "bytes"),
                                      "fidelity": "fixed"} | kw)
         done = records(run_search(settings))
@@ -78,7 +79,7 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
         return done
 
     # The two timed hours go first: each must run whole within one sitting, and the rest resumes anywhere.
-    modes = compare_fidelity(search, proxy, fidelity_minutes, reference, data, results) if fidelity_minutes else None
+    modes = compare_fidelity(search, proxy, rungs, fidelity_minutes, reference, data, results) if fidelity_minutes else None
     studies: dict[str, list[list]] = {"tpe": [], "random": []}
     overhead, waste = [], {"tpe": [], "random": []}
     for seed in range(seeds):
@@ -87,7 +88,7 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
             # (0.97-1.01 over tpe-0's 12 designs on 2026-11-29), so the front, and its hypervolume, would
             # measure size alone; halving's complete designs are ranked after its last rung.
             # named by the rungs too: studies under other rungs (asha1-3-9, measured before) stay as they are
-            tag = Rungs().tag if DEFAULT_FIDELITY == "asha" else DEFAULT_FIDELITY
+            tag = rungs.tag if DEFAULT_FIDELITY == "asha" else DEFAULT_FIDELITY
             done = search(f"{sampler}-{seed}-{tag}", trials=trials, sampler=sampler, seed=seed, fidelity=DEFAULT_FIDELITY)
             studies[sampler].append(done)
             waste[sampler].append(tally(done).infeasible_share)
@@ -122,7 +123,7 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     }
 
 
-def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: str, results: Path) -> dict:
+def compare_fidelity(search, proxy: str, rungs: Rungs, minutes: float, reference: str, data: str, results: Path) -> dict:
     """``--fidelity asha`` against a fixed proxy as long as its last rung, ``minutes`` of search
     each (same seed): designs evaluated, and the reference-schedule test WER of each one's best
     complete design.
@@ -140,13 +141,15 @@ def compare_fidelity(search, proxy: str, minutes: float, reference: str, data: s
     from nas.train import train
     from nas.workers import run_key
 
-    base, rungs = load_schedule(proxy), Rungs()  # the search's default rungs
-    top = rungs.schedule(base).model_copy(update={"name": f"{base.name}-x{rungs.multiples[-1]}"})
+    base, last = load_schedule(proxy), rungs.multiples[-1]
+    top = rungs.schedule(base).model_copy(update={"name": f"{base.name}-x{last}"})
     top_file = results / f"{top.name}.yaml"
     atomic_write(top_file, yaml.safe_dump(top.model_dump(mode="json"), sort_keys=False))
     out = {}
-    # Halving's part is named by its rungs (asha3-9-60min), so one measured under other rungs stays beside it.
-    names = {"fixed": "fixed", "asha": rungs.tag}
+    # Each part is named by what it trains (fixed-x9-60min, asha3-9-60min): one measured under other
+    # rungs stays beside it, and halving under rungs with the same last one is compared with the same
+    # fixed proxy, read back.
+    names = {"fixed": f"fixed-x{last}", "asha": rungs.tag}
     for fidelity, name in names.items():
         def timed(study=f"{name}-{minutes:g}min", fidelity=fidelity) -> dict:
             fixed = {"proxy": str(top_file.resolve())} if fidelity == "fixed" else {}
