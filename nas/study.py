@@ -49,7 +49,8 @@ BEST_SIGNAL = {"fixed": "wer", "asha": "loss"}
 # How a search trains its designs unless told otherwise: successive halving (nas.asha), which
 # `nas bench search` measured against a fixed proxy as long as its last rung at equal wall time
 # (60 min on 2 cores, objective loss, rungs 3x and 9x): 11 designs evaluated against 6, and the
-# same best design (results/bench-search/paper-1M-loss-73d388bc/{asha3-9,fixed-x9}-60min.json).
+# same best design (results/bench-search/paper-1M-loss-73d388bc/{asha3-9,fixed-x9}-60min.json;
+# rungs 2x and 9x gave the same, asha2-9-60min.json).
 # A fixed proxy as short as the first rung ranks worse than parameter count (tau above).
 DEFAULT_FIDELITY = "asha"
 

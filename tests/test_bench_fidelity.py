@@ -21,7 +21,7 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
     reference.write_text((fidelity.ROOT / "nas/schedules/tiny.yaml").read_text()
                          .replace("name: tiny", "name: tiny-ref").replace("steps: 12", "steps: 36"))
     monkeypatch.setattr(fidelity, "DESIGNS", designs)
-    args = dict(results=tmp_path / "bench", proxy="tiny", reference=str(reference), rungs=(1, 2),
+    args = dict(results=tmp_path / "bench", proxy="tiny", reference=str(reference), rungs=(1, 2), search_rungs=(2,),
                 data=f"manifest:{tiny_corpus_dir}", threads=1)
 
     with pytest.raises(UserError, match="0 of 4 designs have all three runs done"):
@@ -42,6 +42,7 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
         assert ("test" in m) == (m["schedule"] == "tiny-ref")  # only the reference decodes test
     lengths = {row["length"] for row in first["table"]}
     assert lengths == {"proxy (12 steps, annealed)", "rung 1x (12 steps)", "rung 2x (24 steps)"}
+    assert list(first["best_by_fidelity"]["asha"]["kendall_tau_by_rung"]) == ["rung 2x (24 steps)"]
     assert {row["signal"] for row in first["table"]} == set(fidelity.SIGNALS)
     assert [d["label"] for d in first["designs"]] == list(widths)
     assert "cpu, 1 threads a run" in first["setup"]

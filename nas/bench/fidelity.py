@@ -7,7 +7,8 @@ trained three ways:
 
 - the ``proxy`` schedule (what ``--fidelity fixed`` trains);
 - the proxy stretched to the last rung of successive halving (what ``--fidelity asha`` trains);
-  its evaluations at the rungs give the signals at 1x, 3x and 9x the proxy's steps;
+  it is evaluated after every proxy's steps, which gives the signals a rung would read at 1x,
+  2x, ... 9x the proxy's steps, so that any rungs up to the last can be judged from the same runs;
 - the reference schedule (``full`` by default), at least ten times the proxy's compute.
 
 For every candidate signal (dev loss per token, dev CER, dev WER, the mean training loss) at every
@@ -80,12 +81,16 @@ def load_designs() -> list[tuple[str, object]]:
 
 
 def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = "proxy", reference: str = "full",
-                   rungs: tuple[int, ...] = (1, 3, 9), data: str = "synth", threads: int = 2, jobs: int = 1,
-                   train: bool = True) -> dict:
+                   rungs: tuple[int, ...] = (1, 3, 9), search_rungs: tuple[int, ...] | None = None,
+                   data: str = "synth", threads: int = 2, jobs: int = 1, train: bool = True) -> dict:
     """Train every design's three runs that are not done yet (``jobs`` at a time, each in its own
     process with ``threads`` threads; on a GPU machine they share the GPU), then rank. With
     ``train=False``, only rank the designs whose three runs are done: where a benchmark run over
-    several sittings stands (its ``setup`` says how many designs are in)."""
+    several sittings stands (its ``setup`` says how many designs are in).
+
+    The runs are trained up to ``rungs``' last; successive halving's signal is chosen by its τ at
+    ``search_rungs`` (by default the rungs a search runs, :class:`nas.schedule.Rungs`), read from
+    the same runs."""
     from scipy.stats import kendalltau, spearmanr
 
     from nas.budget import count
@@ -96,6 +101,9 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
 
     base, ref = load_schedule(proxy), load_schedule(reference)
     stretched = Rungs(rungs).schedule(base)
+    search_rungs = search_rungs or Rungs().multiples
+    if search_rungs[-1] > rungs[-1]:
+        raise ValueError(f"rungs {search_rungs} reach past the runs' last rung, {rungs[-1]}x")
     runs = runs_dir(Path(results), data)
     designs = load_designs()
     # A run's directory names its recipe's hash too: a change to a schedule (or to a design)
@@ -130,7 +138,8 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     ref_s = sum(r["reference"]["curve"][-1]["train_s"] for r in rows)
     # Each proxy length: where its signals are read in a row's runs, and its training seconds.
     proxy_length = f"proxy ({base.steps} steps, annealed)"
-    rung_lengths = {f"rung {m}x ({base.steps * m} steps)": base.steps * m for m in rungs}
+    # every evaluation of the stretched run: where a rung at that multiple would read its signal
+    rung_lengths = {f"rung {m}x ({base.steps * m} steps)": base.steps * m for m in range(1, rungs[-1] + 1)}
     lengths = {proxy_length: (lambda r: r["proxy"]["curve"][-1], lambda r: r["proxy"]["curve"][-1]["train_s"])}
     for length, step in rung_lengths.items():
         lengths[length] = (lambda r, s=step: _at(r["asha"], s), lambda r, s=step: _at(r["asha"], s)["train_s"])
@@ -143,8 +152,9 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
                           "cost_share": round(cost / ref_s, 4)})
     by_size = _rank([-r["params"] for r in rows], target, kendalltau, spearmanr)
     best = max(table, key=_tau)
-    by_fidelity = _best_by_fidelity(table, proxy_length, list(rung_lengths))
-    _plots(rows, target, lengths, Path(results))
+    by_fidelity = _best_by_fidelity(table, proxy_length, [f"rung {m}x ({base.steps * m} steps)" for m in search_rungs])
+    plotted = [proxy_length] + [f"rung {m}x ({base.steps * m} steps)" for m in rungs]
+    _plots(rows, target, {k: lengths[k] for k in plotted}, Path(results))
     return {
         "setup": f"{len(rows)}{'' if len(rows) == len(designs) else f' of {len(designs)}'} designs of {DESIGNS.name}; proxy {proxy}, rungs {rungs}, reference {reference} "
                  f"(dev WER, {'beam + LM' if 'beam_wer' in rows[0]['reference']['dev'] else 'greedy'}); "
