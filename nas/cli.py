@@ -188,9 +188,10 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--fidelity", default=DEFAULT_FIDELITY, choices=["fixed", "asha"],
                     help="asha: successive halving over rungs; fixed: every design trains the proxy "
                          f"(default {DEFAULT_FIDELITY}: more designs in the same time, measured by nas bench search)")
-    se.add_argument("--rungs", help="asha: rungs as increasing multiples of the proxy's steps "
-                                    f"(default {','.join(map(str, Rungs().multiples))})")
-    se.add_argument("--eta", type=_positive, default=3, help="asha: the first 1/eta of a rung in MOASHA order goes on")
+    se.add_argument("--rungs", help="asha: rungs as increasing multiples of the proxy's steps (default: what the "
+                                    f"study was started with; for a new study {','.join(map(str, Rungs().multiples))})")
+    se.add_argument("--eta", type=_positive, help="asha: the first 1/eta of a rung in MOASHA order goes on "
+                                                  f"(default: as --rungs; {Rungs().eta})")
     se.add_argument("--enqueue", type=Path, action="append", default=[], help="ArchConfig JSON to add (repeatable)")
     se.add_argument("--no-baselines", action="store_true", help="don't add the built-in baselines")
     se.add_argument("--max-trial-memory", type=_megabytes, metavar="SIZE",
@@ -356,15 +357,16 @@ def _megabytes(text: str) -> float:
     return nbytes / 1e6
 
 
-def _rungs(text: str | None, eta: int):
-    """``--rungs`` (None: the default rungs) and ``--eta``. Any increasing whole multiples will do:
-    the curve is read after every proxy's steps, so at every rung."""
+def _rungs(text: str | None, eta: int | None):
+    """``--rungs`` and ``--eta``, each at its default where not given; None when neither is (a
+    study goes on with the rungs it was started with). Any increasing whole multiples will do: the
+    curve is read after every proxy's steps, so at every rung."""
     from nas.schedule import Rungs
 
-    if eta < 2:
+    if eta is not None and eta < 2:
         raise UserError("--eta", "", f"{eta} must be at least 2")
     if text is None:
-        return Rungs(eta=eta)
+        return None if eta is None else Rungs(eta=eta)
     try:
         multiples = tuple(int(x) for x in text.split(","))
     except ValueError:
@@ -372,7 +374,7 @@ def _rungs(text: str | None, eta: int):
     if len(multiples) < 2 or multiples[0] < 1 or any(b <= a for a, b in zip(multiples, multiples[1:])):
         raise UserError("--rungs", "", f"{text!r}: expected two or more increasing whole multiples of the proxy's "
                                        "steps, such as 3,9")
-    return Rungs(multiples, eta)
+    return Rungs(multiples, Rungs().eta if eta is None else eta)
 
 
 def _fraction(text: str) -> float:
@@ -402,7 +404,7 @@ def _bench(args) -> int:
     search = {"trials": args.trials, "seeds": args.seeds, "space": args.space, "budget": args.budget,
               "proxy": args.proxy, "data": args.data, "objective": args.objective,
               "fidelity_minutes": args.fidelity_minutes, "reference": args.reference,
-              "rungs": _rungs(args.rungs, Rungs().eta)}
+              "rungs": _rungs(args.rungs, None) or Rungs()}
     designs = tuple(d.strip() for d in args.designs.split(","))
     if not designs or not set(designs) <= {"unshared", "paper"}:
         raise UserError("--designs", "", f"{args.designs!r}: expected unshared, paper or both, comma-separated")

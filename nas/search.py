@@ -29,7 +29,7 @@ from nas.errors import UserError
 from nas.schedule import Schedule, load_schedule
 from nas.space import Space
 from nas.study import (
-    DEFAULT_FIDELITY, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, objectives_for, open_storage, open_study, storage_url,
+    DEFAULT_FIDELITY, DEVICE_OBJECTIVES, HEARTBEAT_S, POINT_KEYS, BudgetGate, enqueue_design, objective_values, objectives_for, open_storage, rungs_for, open_study, storage_url,
     record_heartbeat, taken_over_is_dropped,
 )
 from nas.trials import records, tally
@@ -56,7 +56,7 @@ class SearchSettings:
     # None: what the study was started with, else the fidelity's best signal and bytes (see run_search)
     objectives: tuple[str, ...] | None = None
     fidelity: str = DEFAULT_FIDELITY  # "asha": successive halving; "fixed": every design trains the proxy
-    rungs: Rungs = Rungs()
+    rungs: Rungs | None = None  # None: what the study was started with, else the default (see run_search)
     enqueue: list[Path] = field(default_factory=list)
     baselines: bool = True
     results: Path = Path("results")
@@ -74,7 +74,7 @@ class SearchSettings:
     def trial_schedule(self) -> Schedule:
         """What each design trains: the proxy, or under ASHA the proxy stretched to its last rung."""
         proxy = load_schedule(self.proxy)
-        return self.rungs.schedule(proxy) if self.fidelity == "asha" else proxy
+        return (self.rungs or Rungs()).schedule(proxy) if self.fidelity == "asha" else proxy
 
 
 class BudgetSearcher(Searcher):
@@ -220,7 +220,8 @@ def run_search(s: SearchSettings) -> optuna.Study:
     if s.address and s.address != "auto":
         check_reachable(s.address)  # before the storage: a refused run writes nothing
     storage = open_storage(storage_url(s.study, s.storage, s.results))  # before hours of feature extraction
-    s = replace(s, objectives=objectives_for(storage, s.study, s.fidelity, s.objectives))
+    s = replace(s, objectives=objectives_for(storage, s.study, s.fidelity, s.objectives),
+                rungs=rungs_for(storage, s.study, s.rungs))
     corpus, corpus_line = prepare_data(s.data)
     print(corpus_line, flush=True)
     init_ray(s.address)

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from nas.budget import Budget, Count, count
 from nas.config import ArchConfig
 from nas.errors import UserError
-from nas.schedule import Schedule
+from nas.schedule import Rungs, Schedule
 from nas.space import Space
 from nas.trials import BUDGET_KEY
 
@@ -160,6 +160,19 @@ def objectives_for(storage: RDBStorage, name: str, fidelity: str, named: tuple[s
     except KeyError:  # no such study yet
         before = None
     return tuple(before) if before else default_objectives(fidelity)
+
+
+def rungs_for(storage: RDBStorage, name: str, named: Rungs | None) -> Rungs:
+    """Successive halving's rungs for study ``name``: those the user ``named``; else those it was
+    started with, so that a default changed since (rungs 1,3,9 until 2026-12-04) never stops a
+    study from resuming; else, for a new study (or one under a fixed proxy), the default."""
+    if named:
+        return named
+    try:
+        before = optuna.load_study(study_name=name, storage=storage).user_attrs.get("settings", {})
+    except KeyError:  # no such study yet
+        before = {}
+    return Rungs(tuple(before["rungs"]), before.get("eta") or Rungs().eta) if before.get("rungs") else Rungs()
 
 
 def open_study(name: str, storage: RDBStorage, objectives: tuple[str, ...], sampler: str, seed: int | None,

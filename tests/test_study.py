@@ -9,7 +9,7 @@ from nas.config import ArchConfig
 from nas.errors import UserError
 from nas.search import screen_budget
 from nas.space import load_space
-from nas.study import BEST_SIGNAL, BudgetGate, enqueue_design, make_sampler, objectives_for, open_storage, open_study
+from nas.study import BEST_SIGNAL, BudgetGate, enqueue_design, make_sampler, objectives_for, open_storage, open_study, rungs_for
 from nas.trials import is_infeasible, records, tally
 from searches import a_searcher_with_a_live_trial, a_trial_taken_over
 
@@ -159,6 +159,19 @@ def test_a_new_study_ranks_by_its_fidelitys_signal_and_a_resumed_one_by_what_it_
     study_in(tmp_path)  # started with wer,bytes: a default changed since must not stop it resuming
     assert objectives_for(storage, "s", "asha", None) == ("wer", "bytes") != (BEST_SIGNAL["asha"], "bytes")
     assert objectives_for(storage, "s", "asha", ("cer", "bytes")) == ("cer", "bytes")  # named: open_study refuses it
+
+
+def test_a_new_study_halves_at_the_default_rungs_and_a_resumed_one_at_those_it_was_started_with(tmp_path):
+    from nas.schedule import Rungs
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert rungs_for(storage, "new", None) == Rungs() == Rungs((3, 9), 3)
+    # started under the rungs that were the default until 2026-12-04, with eta 4
+    study_in(tmp_path, settings=SETTINGS | {"fidelity": "asha", "rungs": [1, 3, 9], "eta": 4})
+    assert rungs_for(storage, "s", None) == Rungs((1, 3, 9), 4)
+    assert rungs_for(storage, "s", Rungs((2, 9))) == Rungs((2, 9))  # named: open_study refuses it
+    study_in(tmp_path, settings=SETTINGS | {"fidelity": "fixed", "rungs": None, "eta": None}, name="f")
+    assert rungs_for(storage, "f", None) == Rungs()  # a fixed proxy has none
 
 
 def test_a_design_interrupted_twice_is_retried_twice_and_never_counts_as_done(tmp_path, monkeypatch):
