@@ -94,7 +94,7 @@ class Rungs:
     The first rung is at 3x by default, not 1x: ``nas bench fidelity`` ranks designs by dev loss at
     Kendall tau 0.629 after the proxy's 300 steps and 0.854 after 900 and 2,700, and a first rung at
     1x stopped, after 300 steps, the design that a fixed proxy as long as the last rung found best
-    (a deep one that starts slower; ``nas bench search``, 2026-12-03). A first rung at 2x (τ 0.809)
+    (a deep one that starts slower; ``nas bench search``, 2026-12-03). A first rung at 2x (tau 0.809)
     evaluated no more designs than 3x in an hour (11 each, against a fixed proxy's 6; 2026-12-04)."""
 
     multiples: tuple[int, ...] = (3, 9)
