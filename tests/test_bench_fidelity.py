@@ -21,7 +21,7 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
     reference.write_text((fidelity.ROOT / "nas/schedules/tiny.yaml").read_text()
                          .replace("name: tiny", "name: tiny-ref").replace("steps: 12", "steps: 36"))
     monkeypatch.setattr(fidelity, "DESIGNS", designs)
-    args = dict(results=tmp_path / "bench", proxy="tiny", reference=str(reference), rungs=(1, 2), search_rungs=(2,),
+    args = dict(results=tmp_path / "bench", proxy="tiny", reference=str(reference), rungs=(1, 3), search_rungs=(3,),
                 data=f"manifest:{tiny_corpus_dir}", threads=1)
 
     with pytest.raises(UserError, match="0 of 4 designs have all three runs done"):
@@ -34,15 +34,16 @@ def test_runs_trained_two_at_a_time_are_ranked_and_a_second_sitting_trains_nothi
         fidelity.bench_fidelity(**args | {"data": f"manifest:{tmp_path / 'other'}"}, train=False)
     runs = sorted(p.name for p in runs_dir.iterdir())
     assert sorted(run.rsplit("-", 1)[0] for run in runs) == sorted(
-        f"{label}-{s}" for label in widths for s in ("tiny", "tiny-asha1-2", "tiny-ref"))
+        f"{label}-{s}" for label in widths for s in ("tiny", "tiny-asha1-3", "tiny-ref"))
     assert len({run.rsplit("-", 1)[1] for run in runs}) == len(runs)  # each recipe its own hash
     for run in runs:
         m = json.loads((runs_dir / run / "metrics.json").read_text())
-        assert m["steps"] == {"tiny": 12, "tiny-asha1-2": 24, "tiny-ref": 36}[run.split("-", 1)[1].rsplit("-", 1)[0]]
+        assert m["steps"] == {"tiny": 12, "tiny-asha1-3": 36, "tiny-ref": 36}[run.split("-", 1)[1].rsplit("-", 1)[0]]
         assert ("test" in m) == (m["schedule"] == "tiny-ref")  # only the reference decodes test
     lengths = {row["length"] for row in first["table"]}
-    assert lengths == {"proxy (12 steps, annealed)", "rung 1x (12 steps)", "rung 2x (24 steps)"}
-    assert list(first["best_by_fidelity"]["asha"]["kendall_tau_by_rung"]) == ["rung 2x (24 steps)"]
+    # every evaluation of the stretched run, 2x between the rungs too; halving judged at search_rungs
+    assert lengths == {"proxy (12 steps, annealed)", "rung 1x (12 steps)", "rung 2x (24 steps)", "rung 3x (36 steps)"}
+    assert list(first["best_by_fidelity"]["asha"]["kendall_tau_by_rung"]) == ["rung 3x (36 steps)"]
     assert {row["signal"] for row in first["table"]} == set(fidelity.SIGNALS)
     assert [d["label"] for d in first["designs"]] == list(widths)
     assert "cpu, 1 threads a run" in first["setup"]
