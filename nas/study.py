@@ -149,16 +149,21 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise UserError("--sampler", "", f"{name!r} is not one of {', '.join(SAMPLERS)}")
 
 
+def started_with(storage: RDBStorage, name: str) -> dict:
+    """The settings study ``name`` was started with (see :func:`open_study`); empty for a new study."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("settings", {})
+    except KeyError:  # no such study yet
+        return {}
+
+
 def objectives_for(storage: RDBStorage, name: str, fidelity: str, named: tuple[str, ...] | None) -> tuple[str, ...]:
     """What study ``name`` minimizes: the objectives the user ``named``; else those it was started
     with, so that a default changed since (by a new ``nas bench fidelity``) never stops a study from
     resuming; else, for a new study, the fidelity's default (:func:`default_objectives`)."""
     if named:
         return tuple(named)
-    try:
-        before = optuna.load_study(study_name=name, storage=storage).user_attrs.get("settings", {}).get("objectives")
-    except KeyError:  # no such study yet
-        before = None
+    before = started_with(storage, name).get("objectives")
     return tuple(before) if before else default_objectives(fidelity)
 
 
@@ -168,10 +173,7 @@ def rungs_for(storage: RDBStorage, name: str, named: Rungs | None) -> Rungs:
     study from resuming; else, for a new study (or one under a fixed proxy), the default."""
     if named:
         return named
-    try:
-        before = optuna.load_study(study_name=name, storage=storage).user_attrs.get("settings", {})
-    except KeyError:  # no such study yet
-        before = {}
+    before = started_with(storage, name)
     return Rungs(tuple(before["rungs"]), before.get("eta") or Rungs().eta) if before.get("rungs") else Rungs()
 
 

@@ -138,8 +138,12 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
     ref_s = sum(r["reference"]["curve"][-1]["train_s"] for r in rows)
     # Each proxy length: where its signals are read in a row's runs, and its training seconds.
     proxy_length = f"proxy ({base.steps} steps, annealed)"
+
+    def rung(m: int) -> str:
+        return f"rung {m}x ({base.steps * m} steps)"
+
     # every evaluation of the stretched run: where a rung at that multiple would read its signal
-    rung_lengths = {f"rung {m}x ({base.steps * m} steps)": base.steps * m for m in range(1, rungs[-1] + 1)}
+    rung_lengths = {rung(m): base.steps * m for m in range(1, rungs[-1] + 1)}
     lengths = {proxy_length: (lambda r: r["proxy"]["curve"][-1], lambda r: r["proxy"]["curve"][-1]["train_s"])}
     for length, step in rung_lengths.items():
         lengths[length] = (lambda r, s=step: _at(r["asha"], s), lambda r, s=step: _at(r["asha"], s)["train_s"])
@@ -152,8 +156,8 @@ def bench_fidelity(results: Path = Path("results/bench-fidelity"), proxy: str = 
                           "cost_share": round(cost / ref_s, 4)})
     by_size = _rank([-r["params"] for r in rows], target, kendalltau, spearmanr)
     best = max(table, key=_tau)
-    by_fidelity = _best_by_fidelity(table, proxy_length, [f"rung {m}x ({base.steps * m} steps)" for m in search_rungs])
-    plotted = [proxy_length] + [f"rung {m}x ({base.steps * m} steps)" for m in rungs]
+    by_fidelity = _best_by_fidelity(table, proxy_length, [rung(m) for m in search_rungs])
+    plotted = [proxy_length] + [rung(m) for m in rungs]
     _plots(rows, target, {k: lengths[k] for k in plotted}, Path(results))
     return {
         "setup": f"{len(rows)}{'' if len(rows) == len(designs) else f' of {len(designs)}'} designs of {DESIGNS.name}; proxy {proxy}, rungs {rungs}, reference {reference} "
