@@ -130,6 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="search: also compare --fidelity fixed and asha, this many minutes each (default: skip)")
     b.add_argument("--rungs", help="search: the rungs of every search under --fidelity asha, as for nas search "
                                    f"(default {','.join(map(str, Rungs().multiples))})")
+    b.add_argument("--eta", type=_positive, help=f"search: the eta of those searches, as for nas search (default {Rungs().eta})")
     b.add_argument("--reference", default="full", help="search: the schedule that retrains each mode's best design; "
                    "fidelity: the schedule the proxies are ranked against (default full)")
     b.add_argument("--jobs", type=_positive, default=1,
@@ -404,7 +405,7 @@ def _bench(args) -> int:
     search = {"trials": args.trials, "seeds": args.seeds, "space": args.space, "budget": args.budget,
               "proxy": args.proxy, "data": args.data, "objective": args.objective,
               "fidelity_minutes": args.fidelity_minutes, "reference": args.reference,
-              "rungs": _rungs(args.rungs, None) or Rungs()}
+              "rungs": _rungs(args.rungs, args.eta) or Rungs()}
     designs = tuple(d.strip() for d in args.designs.split(","))
     if not designs or not set(designs) <= {"unshared", "paper"}:
         raise UserError("--designs", "", f"{args.designs!r}: expected unshared, paper or both, comma-separated")

@@ -102,8 +102,10 @@ class Rungs:
 
     @property
     def tag(self) -> str:
-        """``asha3-9``: names what was trained under these rungs (schedules, benchmark studies)."""
-        return f"asha{'-'.join(map(str, self.multiples))}"
+        """``asha3-9`` (``asha2-9-eta4`` at another eta): names what was trained under these rungs
+        (schedules, benchmark studies)."""
+        eta = "" if self.eta == Rungs.eta else f"-eta{self.eta}"
+        return f"asha{'-'.join(map(str, self.multiples))}{eta}"
 
     def steps(self, base: Schedule) -> tuple[int, ...]:
         return tuple(base.steps * m for m in self.multiples)

@@ -450,6 +450,7 @@ ARGS = {
     "one rung": (["search", TINY, "--rungs", "9"], "error: --rungs: '9': expected two or more"),
     "eta below 2": (["search", TINY, "--eta", "1"], "error: --eta: 1 must be at least 2"),
     "bench rungs not numbers": (["bench", "search", "--rungs", "2,x"], "error: --rungs: '2,x': expected"),
+    "bench eta below 2": (["bench", "search", "--eta", "1"], "error: --eta: 1 must be at least 2"),
     "unknown bench design": (["bench", "learn", "--designs", "unshared,tiny"],
                              "error: --designs: 'unshared,tiny': expected unshared, paper or both"),
     "export with no choice": (["export", "s", "--out", "x"], "error: cli: export: one of the arguments --design"),
