@@ -95,7 +95,9 @@ class Rungs:
     Kendall tau 0.629 after the proxy's 300 steps and 0.854 after 900 and 2,700, and a first rung at
     1x stopped, after 300 steps, the design that a fixed proxy as long as the last rung found best
     (a deep one that starts slower; ``nas bench search``, 2026-12-03). A first rung at 2x (tau 0.809)
-    evaluated no more designs than 3x in an hour (11 each, against a fixed proxy's 6; 2026-12-04)."""
+    evaluated no more designs than 3x in an hour (11 each, against a fixed proxy's 6; 2026-12-04), and
+    ``eta`` 4 there evaluated fewer (8): at a rung of a few designs, the two ends of its (signal,
+    bytes) front lead MOASHA's order and go on whatever ``eta`` is."""
 
     multiples: tuple[int, ...] = (3, 9)
     eta: int = 3
