@@ -378,24 +378,22 @@ def _rungs(text: str | None, eta: int | None):
     return Rungs(multiples, Rungs().eta if eta is None else eta)
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
+def _at_least(cast, least, kind: str):
+    """An argparse type: ``cast`` of the text, refused (argparse's one-line error naming the flag)
+    when it is not a number of that kind or is below ``least``."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
+        return value
+    return parse
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+_fraction = _at_least(float, 0, "a number")  # GPUs a trial asks for: 0, a share of one, or more
+_positive = _at_least(int, 1, "a whole number")
 
 
 def _bench(args) -> int:
