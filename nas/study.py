@@ -137,9 +137,15 @@ def _redact(url: str) -> str:
     return url
 
 
+# TPE's first trials are random draws (Optuna's default, 10; over-budget samples count, they are
+# PRUNED), made by the same RandomSampler, under the same seed, as --sampler random's.
+TPE_STARTUP_TRIALS = 10
+
+
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     if name == "tpe":  # group=True: the space is conditional (define-by-run)
-        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                          n_startup_trials=TPE_STARTUP_TRIALS)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "gp":

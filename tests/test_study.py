@@ -9,7 +9,7 @@ from nas.config import ArchConfig
 from nas.errors import UserError
 from nas.search import screen_budget
 from nas.space import load_space
-from nas.study import BEST_SIGNAL, BudgetGate, enqueue_design, make_sampler, objectives_for, open_storage, open_study, rungs_for
+from nas.study import BEST_SIGNAL, TPE_STARTUP_TRIALS, BudgetGate, enqueue_design, make_sampler, objectives_for, open_storage, open_study, rungs_for
 from nas.trials import is_infeasible, records, tally
 from searches import a_searcher_with_a_live_trial, a_trial_taken_over
 
@@ -71,6 +71,25 @@ def test_tpe_learns_the_budget_waste_after_20_trials_is_under_20_percent(tmp_pat
                 first = len(study.get_trials(deepcopy=False))
         waste = tally(study.get_trials(deepcopy=False)[first:]).infeasible_share
         assert waste < 0.20, f"seed {seed}: {waste:.0%} of samples after the first 20 trials were infeasible"
+
+
+def test_tpe_draws_the_random_samplers_designs_until_its_startup_trials_are_done():
+    """What nas bench search's TPE-vs-random comparison rests on: under one seed, TPE's first
+    TPE_STARTUP_TRIALS samples (over-budget ones count) are random sampling's own, and it departs
+    from them after, as it learns (a stand-in objective, paper.yaml at 1M)."""
+    budget = parse_budget("1M")
+    drawn = {}
+    for name in ("tpe", "random"):
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(name, 0))
+        gate = BudgetGate(study, PAPER, budget)
+        while len(study.get_trials(deepcopy=False)) < TPE_STARTUP_TRIALS + 10:
+            cand = gate.next_feasible()
+            study.tell(cand.trial, [fake_wer(cand.count), cand.count.bytes()])
+        drawn[name] = [t.params for t in study.get_trials()][:TPE_STARTUP_TRIALS + 10]
+    assert any(is_infeasible(t) for t in study.get_trials()[:TPE_STARTUP_TRIALS])  # they count too
+    assert drawn["tpe"][:TPE_STARTUP_TRIALS] == drawn["random"][:TPE_STARTUP_TRIALS]
+    after = sum(a != b for a, b in zip(drawn["tpe"][TPE_STARTUP_TRIALS:], drawn["random"][TPE_STARTUP_TRIALS:]))
+    assert after >= 8, f"only {after} of TPE's next 10 samples differ from random sampling's"
 
 
 def test_tally_counts_what_happened(tmp_path):

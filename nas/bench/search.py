@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nas.files import atomic_write
 from nas.schedule import Rungs
-from nas.study import DEFAULT_FIDELITY, DEFAULT_OBJECTIVES
+from nas.study import DEFAULT_FIDELITY, DEFAULT_OBJECTIVES, TPE_STARTUP_TRIALS
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -109,7 +109,9 @@ def bench_search(trials: int = 12, seeds: int = 3, space: str = "paper.yaml", bu
     return {
         **({"fidelity_fixed_vs_asha": modes} if modes else {}),
         "setup": f"{space} at {budget}, proxy {proxy}, data {data}, samplers under --fidelity {DEFAULT_FIDELITY}; hypervolume of ({objective}, bytes) as a share "
-                 f"of the box [0, {ref[0]}] x [0, budget bytes] (nas.pareto.reference_point), mean over seeds",
+                 f"of the box [0, {ref[0]}] x [0, budget bytes] (nas.pareto.reference_point), mean over seeds; "
+                 f"TPE's first {TPE_STARTUP_TRIALS} Optuna trials (over-budget samples count) are the random sampler's own "
+                 "draws under the same seed, so the two differ only after them",
         "trials_per_run": trials, "seeds": seeds,
         "hypervolume_tpe": [round(x, 4) for x in mean["tpe"]],
         "hypervolume_random": [round(x, 4) for x in mean["random"]],
