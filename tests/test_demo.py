@@ -97,6 +97,7 @@ def test_ctrl_c_in_the_search_stops_the_main_job_and_the_next_sitting_resumes_it
     """Ray Tune would catch Ctrl-C and return as if the search were done, and the demo would go on
     to retrain a half-searched front. Ctrl-C stops the whole job instead, and so does SIGTERM (kill,
     a batch scheduler's end of job); the next run of the same command goes on from where it stopped."""
+    import functools
     import signal
 
     import optuna
@@ -109,13 +110,13 @@ def test_ctrl_c_in_the_search_stops_the_main_job_and_the_next_sitting_resumes_it
     out = tmp_path / "ci"
     # A job in a terminal's foreground gets Ctrl-C; one started in the background ignores SIGINT, and
     # its children inherit that (as pytest's would under `nohup ... &`). Start the job as a foreground one.
-    foreground = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    foreground = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
     with open(tmp_path / "stderr.txt", "w") as err:  # a file: Ray and the bars may write more than a pipe holds
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
                                 preexec_fn=foreground)
         # Ctrl-C as soon as the search prints its first finished design ("trial N: ..."), while the
-        # others train: the ci scale's 4 designs take seconds each, so polling the study for it (as
-        # this test did) could miss the whole search on a fast, idle machine.
+        # others train: the ci scale's 4 designs take seconds each, so polling the study for it could
+        # miss the whole search on a fast, idle machine.
         seen = []
         for line in proc.stdout:
             seen.append(line)
