@@ -1,7 +1,7 @@
 """Asynchronous successive halving for several objectives (``nas search --fidelity asha``).
 
 A design trains under one long schedule: the proxy stretched to its last rung (``rungs`` times
-its steps, 3x and 9x by default), evaluated every base proxy's steps. When a
+its steps, 2x, 4x and 9x by default), evaluated every base proxy's steps. When a
 design reaches a rung, its objective vector there (the proxy signal and bytes, and MACs if they
 are objectives) is ranked with those of every design that reached the same rung before it, in
 this study and under any driver, as MOASHA ranks them (Schmucker et al. 2021, with Syne Tune's

@@ -42,15 +42,15 @@ SIGNALS = {"wer": "dev_wer", "cer": "dev_cer", "loss": "dev_loss", "train_loss":
 # `nas bench fidelity` measured to rank them most as full training does (results/bench.md,
 # `best_by_fidelity`: 10 designs at 1M, Kendall tau against full dev WER; parameter count alone
 # gives 0.719). A fixed proxy reads its signal once, after its 300 annealed steps: dev WER, 0.568,
-# where CER gives 0.449 and loss 0.405. Successive halving reads it at every rung (900 and 2,700
-# steps by default, nas.schedule.Rungs): dev loss is best or tied at both (0.854; WER 0.854 and
-# 0.809). At 300 steps, a rung no longer used by default, loss gives 0.629 and WER 0.494.
+# where CER gives 0.449 and loss 0.405. Successive halving reads it at every rung (600, 1,200 and
+# 2,700 steps by default, nas.schedule.Rungs): dev loss is best or tied at each (0.809, 0.899 and
+# 0.854). At 300 steps, a rung no longer used by default, loss gives 0.629 and WER 0.494.
 BEST_SIGNAL = {"fixed": "wer", "asha": "loss"}
 # How a search trains its designs unless told otherwise: successive halving (nas.asha), which
 # `nas bench search` measured against a fixed proxy as long as its last rung at equal wall time
-# (60 min on 2 cores, objective loss, rungs 3x and 9x): 11 designs evaluated against 6, and the
-# same best design (results/bench-search/paper-1M-loss-73d388bc/{asha3-9,fixed-x9}-60min.json;
-# rungs 2x and 9x gave the same, asha2-9-60min.json).
+# (60 min on 2 cores, objective loss, the default rungs 2x, 4x and 9x): 16 designs evaluated
+# against 6, and the same best design (results/bench-search/paper-1M-loss-73d388bc/
+# {asha2-4-9,fixed-x9}-60min.json; rungs 3x and 9x evaluated 11, asha3-9-60min.json).
 # A fixed proxy as short as the first rung ranks worse than parameter count (tau above).
 DEFAULT_FIDELITY = "asha"
 
@@ -175,8 +175,9 @@ def objectives_for(storage: RDBStorage, name: str, fidelity: str, named: tuple[s
 
 def rungs_for(storage: RDBStorage, name: str, named: Rungs | None) -> Rungs:
     """Successive halving's rungs for study ``name``: those the user ``named``; else those it was
-    started with, so that a default changed since (rungs 1,3,9 until 2026-12-04) never stops a
-    study from resuming; else, for a new study (or one under a fixed proxy), the default."""
+    started with, so that a default changed since (rungs 1,3,9 until 2026-12-04, 3,9 until
+    2026-12-05) never stops a study from resuming; else, for a new study (or one under a
+    fixed proxy), the default."""
     if named:
         return named
     before = started_with(storage, name)

@@ -54,7 +54,7 @@ def test_the_stretched_proxy_evaluates_at_every_rung():
 
 def test_rungs_are_named_by_what_they_train_and_by_eta_where_it_is_not_the_default():
     # a benchmark study under other rungs or another eta must never be read back as this one's
-    assert Rungs().tag == "asha3-9" and Rungs((1, 3, 9)).tag == "asha1-3-9"
+    assert Rungs().tag == "asha2-4-9" and Rungs((1, 3, 9)).tag == "asha1-3-9" and Rungs((3, 9)).tag == "asha3-9"
     assert Rungs((2, 9), 4).tag == "asha2-9-eta4" and Rungs((2, 9), 3).tag == "asha2-9"
 
 

@@ -27,12 +27,12 @@ def test_the_search_benchmark_resumes_and_measures_nothing_twice(tiny_corpus_dir
     # A design that both modes chose is retrained once; distinct designs each get a run.
     # each part is named by what it trains: the fixed proxy's length, halving's rungs (the default)
     names = {"fixed": "fixed-x9", "asha": Rungs().tag}
-    assert names["asha"] == "asha3-9" and modes["asha"]["rungs"] == [3, 9]
+    assert names["asha"] == "asha2-4-9" and modes["asha"]["rungs"] == [2, 4, 9]
     chosen = {m: json.loads((out / f"{names[m]}-1.5min.json").read_text())["best_arch"] for m in names}
     same = chosen["fixed"] == chosen["asha"]
     assert modes["fixed"]["reference_run"] == "reference-fixed-x9-1.5min"
-    assert modes["asha"]["reference_run"] == ("reference-fixed-x9-1.5min" if same else "reference-asha3-9-1.5min")
-    assert (out / "reference-asha3-9-1.5min").exists() != same
+    assert modes["asha"]["reference_run"] == ("reference-fixed-x9-1.5min" if same else "reference-asha2-4-9-1.5min")
+    assert (out / "reference-asha2-4-9-1.5min").exists() != same
     # The fixed proxy trains every design as long as halving's last rung (tiny's steps, 9x).
     from nas.schedule import load_schedule
     fixed = load_schedule(str(out / "tiny-x9.yaml"))

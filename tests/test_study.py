@@ -184,7 +184,7 @@ def test_a_new_study_halves_at_the_default_rungs_and_a_resumed_one_at_those_it_w
     from nas.schedule import Rungs
 
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
-    assert rungs_for(storage, "new", None) == Rungs() == Rungs((3, 9), 3)
+    assert rungs_for(storage, "new", None) == Rungs() == Rungs((2, 4, 9), 3)
     # started under the rungs that were the default until 2026-12-04, with eta 4
     study_in(tmp_path, settings=SETTINGS | {"fidelity": "asha", "rungs": [1, 3, 9], "eta": 4})
     assert rungs_for(storage, "s", None) == Rungs((1, 3, 9), 4)
