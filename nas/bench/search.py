@@ -148,7 +148,7 @@ def compare_fidelity(search, proxy: str, rungs: Rungs, minutes: float, reference
     top_file = results / f"{top.name}.yaml"
     atomic_write(top_file, yaml.safe_dump(top.model_dump(mode="json"), sort_keys=False))
     out = {}
-    # Each part is named by what it trains (fixed-x9-60min, asha3-9-60min): one measured under other
+    # Each part is named by what it trains (fixed-x9-60min, asha2-4-9-60min): one measured under other
     # rungs stays beside it, and halving under rungs with the same last one is compared with the same
     # fixed proxy, read back.
     names = {"fixed": f"fixed-x{last}", "asha": rungs.tag}
