@@ -47,10 +47,8 @@ SIGNALS = {"wer": "dev_wer", "cer": "dev_cer", "loss": "dev_loss", "train_loss":
 # 0.854). At 300 steps, a rung no longer used by default, loss gives 0.629 and WER 0.494.
 BEST_SIGNAL = {"fixed": "wer", "asha": "loss"}
 # How a search trains its designs unless told otherwise: successive halving (nas.asha), which
-# `nas bench search` measured against a fixed proxy as long as its last rung at equal wall time
-# (60 min on 2 cores, objective loss, the default rungs 2x, 4x and 9x): 16 designs evaluated
-# against 6, and the same best design (results/bench-search/paper-1M-loss-73d388bc/
-# {asha2-4-9,fixed-x9}-60min.json; rungs 3x and 9x evaluated 11, asha3-9-60min.json).
+# `nas bench search` measured against a fixed proxy as long as its last rung at equal wall time:
+# more designs and the same best one (figures where the default rungs are chosen, nas.schedule.Rungs).
 # A fixed proxy as short as the first rung ranks worse than parameter count (tau above).
 DEFAULT_FIDELITY = "asha"
 
