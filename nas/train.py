@@ -109,6 +109,13 @@ def train(
     masks = schedule.specaugment
     augment = SpecAugment(**masks.model_dump()) if masks.freq_masks or masks.time_masks else None
     gen = torch.Generator().manual_seed(schedule.seed + state["step"])
+    # Where the epoch stood at the checkpoint: the batches not yet taken and SpecAugment's generator,
+    # so that a resumed run trains exactly as the uninterrupted one (a checkpoint written before these
+    # were saved starts a new epoch from its step's seed instead).
+    batches: list[list[int]] = state.pop("epoch_batches", [])
+    sorted_epoch: bool = state.pop("epoch_sorted", False)
+    if "augment_rng" in state:
+        gen.set_state(state.pop("augment_rng"))
     eval_limit = schedule.eval_utterances
     stopped_early, streak, loss_sum, loss_n = False, 0, 0.0, 0
     if callback is not None and state["curve"] and state["step"] < schedule.steps:
@@ -118,8 +125,6 @@ def train(
         stopped_early = bool(callback(state["step"], state["curve"][-1]))
     bar = tqdm(total=schedule.steps, initial=state["step"], desc=f"train {schedule.name}",
                unit="step", disable=not progress, dynamic_ncols=True)
-    batches: list[list[int]] = []
-    sorted_epoch = False
     t_start = time.perf_counter() - state["train_seconds"]
     while state["step"] < schedule.steps and not stopped_early:
         t_step = time.perf_counter()
@@ -174,7 +179,9 @@ def train(
             state["curve"].append(point)
             loss_sum, loss_n = 0.0, 0
             bar.set_postfix(loss=f"{point['train_loss']:.3f}", dev_wer=f"{dev['wer']:.3f}")
-            _save(ckpt, arch, schedule, model, opt, sched, state, ema)
+            _save(ckpt, arch, schedule, model, opt, sched,
+                  {**state, "epoch_batches": batches, "epoch_sorted": sorted_epoch, "augment_rng": gen.get_state()},
+                  ema)
             if callback is not None and callback(state["step"], point):
                 stopped_early = True
     bar.close()

@@ -68,6 +68,24 @@ def test_writes_metrics_checkpoint_tokenizer_and_resumes(tiny_corpus_dir, tiny_a
     assert (out / "model.safetensors").is_file()
 
 
+def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(tiny_corpus_dir, tiny_arch, tmp_path):
+    # The checkpoint at step 6 falls inside an epoch (about 4 batches each here) and SpecAugment and
+    # dropout draw random numbers: the resumed run must continue the same batch order and draws.
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    s = schedule(dropout=0.1)
+    whole = train(tiny_arch, s, corpus, tmp_path / "whole", progress=False, evaluate_test=False)
+
+    def crash(step, point):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_arch, s, corpus, tmp_path / "cut", callback=crash, progress=False, evaluate_test=False)
+    resumed = train(tiny_arch, s, corpus, tmp_path / "cut", progress=False, evaluate_test=False)
+    assert resumed["resumed_at_steps"] == [6]
+    keys = ("step", "train_loss", "dev_cer", "dev_loss")
+    assert [[p[k] for k in keys] for p in resumed["curve"]] == [[p[k] for k in keys] for p in whole["curve"]]
+
+
 def test_a_checkpoint_of_another_design_is_refused(tiny_corpus_dir, tiny_arch, tmp_path):
     corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
     train(tiny_arch, schedule(steps=6), corpus, tmp_path, progress=False, evaluate_test=False)
