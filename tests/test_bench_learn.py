@@ -71,3 +71,31 @@ def test_both_recipes_train_and_a_changed_recipe_trains_anew(tmp_path, tiny_corp
     names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "runs").iterdir())
     assert names.count("unshared-new") == 2
     assert {k: (p / "metrics.json").stat().st_mtime_ns for k, p in runs.items()} == stamps
+
+
+def test_each_lever_is_timed_against_the_recipe_as_it_is_trained_in_the_same_run(tmp_path, tiny_corpus_dir):
+    from nas.bench.learn import bench_levers
+
+    tiny = _recipe(tmp_path / "tiny.yaml", "tiny")
+    # A target every run meets at its first evaluation, so each speedup is a ratio of two times.
+    kw = {"results": tmp_path / "levers", "schedule": tiny, "data": f"manifest:{tiny_corpus_dir}", "budget": "100K",
+          "levers": ({"peak_lr": 6e-3}, {"batch_frames": 1500}), "target": 10.0, "eval_audio_s": 60,
+          "eval_utterances": 8, "threads": 1}
+    figures = bench_levers(**kw)
+    rows = figures["unshared"]
+    assert [r["lever"] for r in rows] == ["tiny", "peak_lr=0.006", "batch_frames=1500"]
+    runs = {p.name.rsplit("-", 1)[0]: json.loads((p / "metrics.json").read_text())
+            for p in (tmp_path / "levers").iterdir()}
+    assert set(runs) == {f"unshared-{r['lever']}" for r in rows}
+    reference = runs["unshared-tiny"]["curve"][0]
+    assert rows[0]["train_s_to_cer_10.00"] == reference["train_s"] and rows[0]["speedup"] == 1.0
+    for row in rows[1:]:
+        m = runs[f"unshared-{row['lever']}"]
+        assert m["stopped_early"] and "test" not in m  # stopped at the target, never scored on test
+        assert row["train_s_to_cer_10.00"] == m["curve"][0]["train_s"]
+        assert row["speedup"] == round(reference["train_s"] / m["curve"][0]["train_s"], 2)
+    # 30 s batches evaluated every 60 s of audio: 2 steps; 15 s batches: 4.
+    assert [r["steps"] for r in rows] == [2, 2, 4]
+    stamps = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in (tmp_path / "levers").iterdir()}
+    assert bench_levers(**kw) == figures  # read back, not trained again
+    assert {p.name: (p / "metrics.json").stat().st_mtime_ns for p in (tmp_path / "levers").iterdir()} == stamps

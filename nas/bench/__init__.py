@@ -5,7 +5,8 @@ adds them to ``results/bench.json`` and ``results/bench.md``.
 - ``budget``, ``train`` (:mod:`nas.bench.speed`): the budget arithmetic against building each
   model; our training step against torchaudio's Conformer, and low rank against full rank.
 - ``search`` (:mod:`nas.bench.search`): TPE against random sampling, parallel workers, overhead.
-- ``learn`` (:mod:`nas.bench.learn`): time to accuracy of today's recipe against the old one.
+- ``learn`` (:mod:`nas.bench.learn`): time to accuracy of today's recipe against the old one;
+  ``levers``: what one more change to today's recipe would give that ratio.
 - ``fidelity`` (:mod:`nas.bench.fidelity`): how well each proxy signal ranks designs as full
   training does, against ranking by size.
 - ``deploy`` (:mod:`nas.bench.deploy`): int8 exports of trained runs against fp32: bytes, WER,
@@ -25,6 +26,7 @@ from nas.files import atomic_write
 # name -> (module of nas.bench, function): imported on use, since each pulls in heavy parts.
 BENCHMARKS = {"budget": ("speed", "bench_budget"), "train": ("speed", "bench_train"),
               "search": ("search", "bench_search"), "learn": ("learn", "bench_learn"),
+              "levers": ("learn", "bench_levers"),
               "fidelity": ("fidelity", "bench_fidelity"), "deploy": ("deploy", "bench_deploy")}
 
 
@@ -35,7 +37,9 @@ def run(which: str, out_dir: Path, search: dict | None = None, learn: dict | Non
     arguments."""
     names = list(BENCHMARKS) if which == "all" else [which]
     overrides = {"search": {"results": out_dir / "bench-search"} | (search or {}),
-                 "learn": {"results": out_dir / "bench-learn"} | (learn or {}), "fidelity": {"results": out_dir / "bench-fidelity"} | (fidelity or {}),
+                 "learn": {"results": out_dir / "bench-learn"} | (learn or {}),
+                 "levers": {"results": out_dir / "bench-learn" / "levers"},
+                 "fidelity": {"results": out_dir / "bench-fidelity"} | (fidelity or {}),
                  "deploy": {"results": out_dir / "bench-deploy"} | (deploy or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
