@@ -1,5 +1,6 @@
 """`nas bench learn` on a tiny scale: both recipes train, the ratio follows the curves, a rerun reads
-the runs back, and a changed recipe trains anew instead of reading back the old recipe's run."""
+the runs back, and a changed recipe trains anew instead of reading back the old recipe's run. `nas
+bench levers` likewise: each lever's speedup is read off its own run against the reference's."""
 
 import json
 

@@ -30,7 +30,8 @@ from pathlib import Path
 TARGETS = (0.30, 0.15)
 RECIPES = (("full-v1", "synth:3"), ("full", "synth"))  # (schedule, data): the reference first
 # One change each to `full`, for `bench_levers`: the levers of the first learning that the issue
-# named and `full` does not already take (measured 2026-12-06; none reached 30% sooner).
+# named and `full` does not already take (measured 2026-12-06: none reached 30% sooner beyond the
+# machine's run-to-run noise of about 5% in step time).
 LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "peak_lr": 6e-3},
           {"sort_first_steps": 400}, {"ema": 0.0}, {"tokenizer": "unigram"})
 SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "paper.yaml"
