@@ -43,10 +43,8 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
                 targets: tuple[float, ...] = TARGETS) -> dict:
     from nas.baselines import baselines
     from nas.budget import count, parse_budget
-    from nas.data.corpus import resolve_data
     from nas.schedule import load_schedule
     from nas.space import load_space
-    from nas.train import train
 
     found = dict(baselines(load_space(SPACE), parse_budget(budget)))
     figures: dict = {"setup": (f"{budget} baselines of paper.yaml, {threads} threads; dev CER on the first "
@@ -58,9 +56,7 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
         arch = found[design]
         runs = {}
         for recipe, data in reversed(recipes):  # the new recipe first: it sets the reference's cap
-            s = load_schedule(recipe)
-            s = s.model_copy(update={"eval_every": max(1, round(eval_audio_s * 100 / s.batch_frames)),
-                                     "eval_utterances": eval_utterances})
+            s = _evaluated(load_schedule(recipe), eval_audio_s, eval_utterances)
             stop, until = None, ""
             if recipe != new:
                 reached = [t for t in (time_to(runs[new]["curve"], x) for x in targets) if t is not None]
@@ -69,9 +65,7 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
                                                      (limit is not None and p["train_s"] > limit))
                 until = f" until CER {min(targets)} or {limit} s"  # where it stops is part of the run
             out = Path(results) / f"{design}-{s.name}-{_key(arch, s, data + until)}"
-            done = out / "metrics.json"
-            m = json.loads(done.read_text()) if done.is_file() else train(
-                arch, s, resolve_data(data), out, threads=threads, callback=stop)
+            m = _run(arch, s, data, out, threads, stop)
             runs[recipe] = m
             print(f"  {design} {recipe} on {data}: {_line(m, targets)}", flush=True)
         row = {"params": count(arch).physical, "virtual_layers": arch.encoder.n_layers}
@@ -95,28 +89,23 @@ def bench_levers(results: Path = Path("results/bench-learn/levers"), design: str
     :func:`bench_learn`."""
     from nas.baselines import baselines
     from nas.budget import parse_budget
-    from nas.data.corpus import resolve_data
     from nas.schedule import Schedule, load_schedule
     from nas.space import load_space
-    from nas.train import train
 
     arch = dict(baselines(load_space(SPACE), parse_budget(budget)))[design]
     base = load_schedule(schedule)
     rows, limit = [], None
     for change in ({}, *levers):  # the reference first: it sets the others' cap
         # validated, not model_copy'd: a lever outside a field's range is refused here
-        s = Schedule.model_validate(base.model_dump() | change)
-        s = s.model_copy(update={"eval_every": max(1, round(eval_audio_s * 100 / s.batch_frames)),
-                                 "eval_utterances": eval_utterances})
+        s = _evaluated(Schedule.model_validate(base.model_dump() | change), eval_audio_s, eval_utterances)
         until = f" until CER {target} or {limit} s"
         stop = lambda step, p, limit=limit: p["dev_cer"] <= target or (limit is not None and p["train_s"] > limit)  # noqa: E731
         name = "+".join(f"{k}={v}" for k, v in change.items()) or base.name
         out = Path(results) / f"{design}-{name}-{_key(arch, s, data + until)}"
-        done = out / "metrics.json"
-        m = json.loads(done.read_text()) if done.is_file() else train(
-            arch, s, resolve_data(data), out, threads=threads, callback=stop, evaluate_test=False)
-        reached = time_to(m["curve"], target)
-        at = next((p for p in m["curve"] if p["dev_cer"] <= target), m["curve"][-1])
+        m = _run(arch, s, data, out, threads, stop, evaluate_test=False)
+        at = next((p for p in m["curve"] if p["dev_cer"] <= target), None)
+        reached = at and at["train_s"]
+        at = at or m["curve"][-1]  # where it stopped, short of the target
         if limit is None:
             if reached is None:
                 raise RuntimeError(f"{base.name} never reached dev CER {target}: no reference to compare levers with")
@@ -130,6 +119,24 @@ def bench_levers(results: Path = Path("results/bench-learn/levers"), design: str
                       f"first {eval_utterances} dev utterances every {eval_audio_s:g} s of training audio; time = "
                       f"training steps only; each lever stops at CER {target} or {cap:g}x the reference's time"),
             design: rows}
+
+
+def _evaluated(schedule, eval_audio_s: float, eval_utterances: int):
+    """``schedule`` evaluated on the first ``eval_utterances`` dev utterances every ``eval_audio_s``
+    seconds of training audio, whatever its batch size."""
+    return schedule.model_copy(update={"eval_every": max(1, round(eval_audio_s * 100 / schedule.batch_frames)),
+                                       "eval_utterances": eval_utterances})
+
+
+def _run(arch, schedule, data: str, out: Path, threads: int, stop, evaluate_test: bool = True) -> dict:
+    """The metrics of the run in ``out``: read back when it finished, else trained (or resumed)."""
+    from nas.data.corpus import resolve_data
+    from nas.train import train
+
+    done = out / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    return train(arch, schedule, resolve_data(data), out, threads=threads, callback=stop, evaluate_test=evaluate_test)
 
 
 def _key(arch, schedule, data: str) -> str:
