@@ -100,3 +100,33 @@ def test_each_lever_is_timed_against_the_recipe_as_it_is_trained_in_the_same_run
     stamps = {p.name: (p / "metrics.json").stat().st_mtime_ns for p in (tmp_path / "levers").iterdir()}
     assert bench_levers(**kw) == figures  # read back, not trained again
     assert {p.name: (p / "metrics.json").stat().st_mtime_ns for p in (tmp_path / "levers").iterdir()} == stamps
+
+
+def test_a_design_lever_changes_the_design_by_its_dotted_path_and_never_goes_over_the_budget():
+    import pytest
+
+    from nas.baselines import baselines
+    from nas.bench.learn import LEVERS, SPACE, _changed
+    from nas.budget import count, parse_budget
+    from nas.space import load_space
+
+    budget = parse_budget("1M")
+    arch = dict(baselines(load_space(SPACE), budget))["unshared"]
+    full = load_schedule("full")
+    # A schedule lever leaves the design as it is (so its run's key is the one it always had).
+    same, s = _changed(arch, full, {"peak_lr": 6e-3}, budget)
+    assert same is arch and s.peak_lr == 6e-3 and s.model_dump() == full.model_dump() | {"peak_lr": 6e-3}
+    # A design lever sets the dotted field and nothing else, and the schedule's fields beside it.
+    changed, s = _changed(arch, full, {"frontend.subsampling": 8, "vocab_size": 256, "tokenizer": "bpe"}, budget)
+    assert (changed.frontend.subsampling, changed.vocab_size, s.tokenizer) == (8, 256, "bpe")
+    assert changed.model_dump() == arch.model_dump() | {"vocab_size": 256,
+                                                        "frontend": arch.frontend.model_dump() | {"subsampling": 8}}
+    # Every lever of the benchmark is within its 1M budget, counted exactly.
+    for change in LEVERS:
+        assert budget.fits(count(_changed(arch, full, change, budget)[0]))
+    with pytest.raises(ValueError, match="over 1M"):  # 4,096 output units at d=96: 394K more parameters
+        _changed(arch, full, {"vocab_size": 4096}, budget)
+    with pytest.raises(ValueError, match="neither a schedule field nor a design field"):
+        _changed(arch, full, {"frontend.subsample": 6}, budget)
+    with pytest.raises(Exception, match="subsampling"):  # validated: 5x is no front end
+        _changed(arch, full, {"frontend.subsampling": 5}, budget)
