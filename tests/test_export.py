@@ -529,6 +529,14 @@ def test_the_deploy_benchmark_reads_its_figures_from_the_export(plain_lm_run, ti
     assert figures[f"{name}.wer_increase_points_beam"] == round(100 * increase, 2)
     assert figures[f"{name}.wer_increase_within_1pt"] == (increase <= 0.01)
     assert figures[f"{name}.int8_activation_mb_10s"] > 0 and figures[f"{name}.fp32_rtf_1_thread"] > 0
+    # Decoding's share is the beam search's time over the forward passes', both of the same loop.
+    d = prov["deployment"]
+    for dt in ("fp32", "int8"):
+        assert d["forward_s"][dt] > 0 and d["decode_s"][dt] > 0
+        assert d["forward_s"][dt] == pytest.approx(d["rtf"][dt] * d["test"]["audio_s"], rel=0.05, abs=1e-3)  # both rounded
+        share = d["decode_s"][dt] / d["forward_s"][dt]
+        assert figures[f"{name}.{dt}_decode_share"] == round(share, 3)
+        assert figures[f"{name}.{dt}_decode_within_25pct"] == (share <= 0.25)
 
 
 def test_export_flags_are_checked_by_the_command_line(capsys):
