@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from nas.errors import UserError
 from nas.files import atomic_write, read_json
@@ -40,6 +40,9 @@ PosInt = Annotated[int, Field(gt=0)]
 # The front end's convolutions by subsampling factor: (kernel, stride) of each, in time and
 # frequency alike, without padding.
 CONV_STACKS = {4: ((3, 2), (3, 2)), 6: ((3, 2), (5, 3)), 8: ((3, 2), (3, 2), (3, 2))}
+# Relative distances (in encoder frames) past which ``encoder.rel_pos_buckets`` tells no more apart:
+# T5's 128; at 4x subsampling, 5.1 s.
+REL_POS_MAX_DISTANCE = 128
 
 
 class _Frozen(BaseModel):
@@ -98,14 +101,33 @@ class Encoder(_Frozen):
     ffn_dim: PosInt = 576
     conv_kernel: PosInt = 31
     n_layers: PosInt = 16  # virtual layers
+    # Relative positions in self-attention: 0, none (torchaudio's Conformer, whose attention sees no
+    # position); n, a learned bias per head and relative-distance bucket added to the attention
+    # logits (T5's bidirectional buckets, n/4 exact distances each way, then log-spaced up to
+    # REL_POS_MAX_DISTANCE frames), stored with the attention module (n_heads x n parameters).
+    rel_pos_buckets: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> Encoder:
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
+        if self.rel_pos_buckets and (self.rel_pos_buckets < 4 or self.rel_pos_buckets % 2):
+            raise ValueError(f"rel_pos_buckets={self.rel_pos_buckets} must be 0 (no relative positions) or an even "
+                             "number of at least 4 (half for each direction)")
         if self.conv_kernel % 2 == 0:
             raise ValueError(f"conv_kernel={self.conv_kernel} must be odd (same-length padding)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_later_defaults(self, handler):
+        # A field added after designs were stored (in studies, run keys, exports, committed
+        # benchmark runs) is left out at its default, so every design of before serializes, and
+        # hashes, exactly as it did: a study resumes onto its own trials and a benchmark reads its
+        # runs back. Reading a design without it gives the default.
+        out = handler(self)
+        if self.rel_pos_buckets == 0:
+            out.pop("rel_pos_buckets", None)
+        return out
 
 
 class ModuleMaps(_Frozen):

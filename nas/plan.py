@@ -21,7 +21,7 @@ from nas.config import CONV_STACKS, ArchConfig
 class Slot(NamedTuple):  # a NamedTuple: the budget builds ~40 per design, fast
     name: str  # position inside a layer
     store: str  # stored-tensor family; tied slots share it
-    kind: str  # "matrix" (out, in) | "vector" (n,) | "layernorm"/"batchnorm" (n,) | "dwconv" (ch, k)
+    kind: str  # "matrix" (out, in) | "vector" (n,) | "layernorm"/"batchnorm" (n,) | "dwconv" (ch, k) | "table" (heads, buckets)
     shape: tuple[int, ...]
     part: str  # "ffn" | "attn" | "conv" | "norm"
     ids: tuple[int, ...]  # per virtual layer: which stored tensor of `store` it uses
@@ -114,6 +114,8 @@ def build_plan(arch: ArchConfig) -> Plan:
         bias(f"attn.{proj}.b", d, "attn", ai)
     matrix("attn.out", "attn.v" if t.attn_v_out else "attn.out", "attn_out", d, d, ai)
     bias("attn.out.b", d, "attn", ai)
+    if enc.rel_pos_buckets:  # one bias per head and distance bucket: cheap, like a bias
+        add("attn.rel_bias", "attn.rel_bias", "table", (enc.n_heads, enc.rel_pos_buckets), "attn", cheap(ai))
     norm("conv.norm", "layernorm", ci)
     if t.conv_glu:  # one matrix computes both GLU halves; each half keeps its own bias
         matrix("conv.pw1", "conv.pw1", "conv_pw", d, d, ci)

@@ -47,7 +47,8 @@ def arch_configs(draw, max_dim: int = 24) -> ArchConfig:
     doc = {
         "frontend": {"n_mels": draw(st.integers(7, 24)), "channels": draw(st.integers(1, 6))},
         "encoder": {"d_model": d, "n_heads": heads, "ffn_dim": ffn,
-                    "conv_kernel": draw(st.sampled_from([1, 3, 5])), "n_layers": L},
+                    "conv_kernel": draw(st.sampled_from([1, 3, 5])), "n_layers": L,
+                    "rel_pos_buckets": draw(st.sampled_from([0, 4, 6]))},
         "vocab_size": draw(st.integers(2, 20)),
         "sharing": {
             "blocks": blocks,

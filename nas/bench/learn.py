@@ -32,13 +32,14 @@ RECIPES = (("full-v1", "synth:3"), ("full", "synth"))  # (schedule, data): the r
 # One change each to `full`, for `bench_levers`: the levers of the first learning that the issue
 # named and `full` does not already take (measured 2026-12-06: none reached 30% sooner beyond the
 # machine's run-to-run noise of about 5% in step time). A key that is no schedule field is a
-# design field by its dotted path: the last three change the front end, with subword units, since
-# at 6x (16.7 frames/s) and 8x the embedded corpus's 15.9 characters/s do not fit character CTC.
+# design field by its dotted path: three change the front end, with subword units, since at 6x
+# (16.7 frames/s) and 8x the embedded corpus's 15.9 characters/s do not fit character CTC; the last
+# gives self-attention relative positions (T5's 32 buckets; 512 more parameters).
 LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "peak_lr": 6e-3},
           {"sort_first_steps": 400}, {"ema": 0.0}, {"tokenizer": "unigram"},
           {"frontend.subsampling": 6, "vocab_size": 128, "tokenizer": "unigram"},
           {"frontend.subsampling": 8, "vocab_size": 256, "tokenizer": "unigram"},
-          {"frontend.subsampling": 8, "vocab_size": 256, "tokenizer": "bpe"})
+          {"frontend.subsampling": 8, "vocab_size": 256, "tokenizer": "bpe"}, {"encoder.rel_pos_buckets": 32})
 SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "paper.yaml"
 
 
@@ -132,6 +133,8 @@ def _changed(arch, schedule, change: dict, budget):
     key as a design field by its dotted path (``frontend.subsampling``). Both are validated, not
     ``model_copy``'d, so a lever outside a field's range is refused, and so is a design the change
     takes over ``budget``: a lever never trains a design the search could not."""
+    from pydantic import BaseModel
+
     from nas.budget import count
     from nas.config import ArchConfig
     from nas.schedule import Schedule
@@ -144,12 +147,12 @@ def _changed(arch, schedule, change: dict, budget):
     for path, value in change.items():
         if path not in fields:
             *parents, leaf = path.split(".")
-            node = doc
+            model, node = arch, doc
             for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(node, dict) or leaf not in node:
+                model, node = getattr(model, part, None), node.get(part) if isinstance(node, dict) else None
+            if not isinstance(model, BaseModel) or leaf not in type(model).model_fields or not isinstance(node, dict):
                 raise ValueError(f"lever {path!r}: neither a schedule field nor a design field")
-            node[leaf] = value
+            node[leaf] = value  # (a field at its default may be absent from the dump: set, not replaced)
     changed = ArchConfig.from_dict(doc, source="lever")
     if not budget.fits(count(changed)):
         raise ValueError(f"lever {change}: the design's {count(changed).physical} parameters are over {budget.text}")

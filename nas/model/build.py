@@ -82,6 +82,8 @@ def _make(slot: Slot, branch_init_gain: float) -> nn.Module:
     if slot.kind == "vector":  # biases: uniform(±1/sqrt(fan_in)) needs the fan-in; 1/sqrt(n) is close
         bound = 1 / math.sqrt(slot.shape[0])
         return _Holder(torch.empty(slot.shape).uniform_(-bound, bound))
+    if slot.kind == "table":  # relative-position biases start at zero: attention starts position-blind
+        return _Holder(torch.zeros(slot.shape))
     if slot.kind == "dwconv":  # Conv1d(groups=d) fan-in is the kernel size
         bound = 1 / math.sqrt(slot.shape[1])
         return _Holder(torch.empty(slot.shape).uniform_(-bound, bound))
@@ -124,6 +126,7 @@ class ConformerCTC(nn.Module):
         attn = SelfAttention(
             s.get("attn.norm", l), s.linear("attn.q", l), s.linear("attn.k", l), s.linear("attn.v", l),
             s.linear("attn.out", l), arch.encoder.n_heads, p, qk_tied=ties.attn_qk,
+            rel_bias=s.get("attn.rel_bias", l) if arch.encoder.rel_pos_buckets else None,
         )
         conv = Convolution(
             s.get("conv.norm", l), s.linear("conv.pw1", l), s.get("conv.dw", l), s.get("conv.dw.b", l),

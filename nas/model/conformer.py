@@ -12,11 +12,13 @@ With untied, full-rank weights a layer computes exactly what ``torchaudio.models
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nas.config import CONV_STACKS
+from nas.config import CONV_STACKS, REL_POS_MAX_DISTANCE
 
 
 class Linear(nn.Module):
@@ -62,14 +64,17 @@ class SelfAttention(nn.Module):
     Args:
         q, k, v, out: the projections. When ``qk_tied``, ``k`` holds the same weights as ``q``
             (only its bias differs), so the product is computed once.
+        rel_bias: ``(n_heads, buckets)``, a learned bias added to each head's logits by the
+            relative distance bucket of key and query (:func:`relative_buckets`); None: none.
         key_padding_mask (forward): ``(B, T)``, True at padded frames.
     """
 
     def __init__(self, norm: nn.LayerNorm, q: Linear, k: Linear, v: Linear, out: Linear,
-                 n_heads: int, dropout: float, qk_tied: bool):
+                 n_heads: int, dropout: float, qk_tied: bool, rel_bias: Tensor | None = None):
         super().__init__()
         self.norm, self.q, self.k, self.v, self.out = norm, q, k, v, out
         self.n_heads, self.dropout_p, self.qk_tied = n_heads, dropout, qk_tied
+        self.rel_bias = rel_bias
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
@@ -84,10 +89,32 @@ class SelfAttention(nn.Module):
         v = self.v(x)
         q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
         mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        # With this additive mask torch 2.11's dynamo ONNX exporter fails to decompose the attention
+        # (a view of its output); nas.onnx_export falls back to the TorchScript exporter, which
+        # tests/model/test_rel_pos.py checks against PyTorch.
+        if self.rel_bias is not None:  # an additive mask: the bias, and -inf at padded keys
+            bias = self.rel_bias[:, relative_buckets(T, self.rel_bias.shape[1], x.device)][None]  # (1, H, T, T)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, d)
         return self.dropout(self.out(y))
+
+
+def relative_buckets(T: int, buckets: int, device: torch.device | None = None,
+                     max_distance: int = REL_POS_MAX_DISTANCE) -> Tensor:
+    """``(T, T)`` bucket of each (query, key) distance, as T5 buckets them bidirectionally: half the
+    buckets for keys after the query; in each half, the first half exact distances, the rest
+    log-spaced up to ``max_distance`` (farther shares the last). Written out rather than imported:
+    the function lives in transformers' T5 model, a dependency this one formula does not justify."""
+    pos = torch.arange(T, device=device)
+    rel = pos[None, :] - pos[:, None]  # key - query
+    half = buckets // 2
+    exact = half // 2
+    dist = rel.abs()
+    far = exact + (torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                   * (half - exact)).long()
+    return (rel > 0).long() * half + torch.where(dist < exact, dist, far.clamp(max=half - 1))
 
 
 class Convolution(nn.Module):
