@@ -21,7 +21,7 @@ The config is frozen, validated (every error names its field) and round-trips th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
@@ -47,6 +47,19 @@ REL_POS_MAX_DISTANCE = 128
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # Fields added after designs were stored (in studies, run keys, exports, committed benchmark
+    # runs): left out of the serialization at their default, so that every design of before
+    # serializes, and hashes, exactly as it did (a study resumes onto its own trials, a benchmark
+    # reads its runs back). Reading a design without one gives the default.
+    _added_later: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_later_defaults(self, handler):
+        out = handler(self)
+        for name in self._added_later:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                out.pop(name, None)
+        return out
 
 
 class Tiling(_Frozen):
@@ -106,6 +119,7 @@ class Encoder(_Frozen):
     # logits (T5's bidirectional buckets, n/4 exact distances each way, then log-spaced up to
     # REL_POS_MAX_DISTANCE frames), stored with the attention module (n_heads x n parameters).
     rel_pos_buckets: int = Field(0, ge=0)
+    _added_later: ClassVar[tuple[str, ...]] = ("rel_pos_buckets",)
 
     @model_validator(mode="after")
     def _check(self) -> Encoder:
@@ -118,16 +132,6 @@ class Encoder(_Frozen):
             raise ValueError(f"conv_kernel={self.conv_kernel} must be odd (same-length padding)")
         return self
 
-    @model_serializer(mode="wrap")
-    def _without_later_defaults(self, handler):
-        # A field added after designs were stored (in studies, run keys, exports, committed
-        # benchmark runs) is left out at its default, so every design of before serializes, and
-        # hashes, exactly as it did: a study resumes onto its own trials and a benchmark reads its
-        # runs back. Reading a design without it gives the default.
-        out = handler(self)
-        if self.rel_pos_buckets == 0:
-            out.pop("rel_pos_buckets", None)
-        return out
 
 
 class ModuleMaps(_Frozen):

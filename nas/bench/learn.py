@@ -154,8 +154,8 @@ def _changed(arch, schedule, change: dict, budget):
                 raise ValueError(f"lever {path!r}: neither a schedule field nor a design field")
             node[leaf] = value  # (a field at its default may be absent from the dump: set, not replaced)
     changed = ArchConfig.from_dict(doc, source="lever")
-    if not budget.fits(count(changed)):
-        raise ValueError(f"lever {change}: the design's {count(changed).physical} parameters are over {budget.text}")
+    if not budget.fits(c := count(changed)):
+        raise ValueError(f"lever {change}: the design's {c.physical} parameters are over {budget.text}")
     return changed, schedule
 
 
