@@ -165,6 +165,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    t.add_argument("--seed", type=int, default=None,
+                   help="overrides the schedule's seed (initialization, batch order, SpecAugment): a repeat of a run")
     t.set_defaults(run=_train)
 
     se = sub.add_parser("search", help="search a space under a hard memory budget")
@@ -293,6 +295,8 @@ def _train(args) -> int:
 
     arch = ArchConfig.load(args.arch)
     schedule = load_schedule(args.schedule)
+    if args.seed is not None:
+        schedule = schedule.model_copy(update={"seed": args.seed})
     _log_file(args.out)
     metrics = train(arch, schedule, resolve_data(args.data), args.out, threads=args.threads)
     for split, skipped in metrics["skipped"].items():

@@ -237,3 +237,26 @@ def test_a_tensor_that_serves_k_places_learns_at_the_rate_divided_by_k():
     exponents = {p.stem: load_schedule(p.stem).shared_lr_exponent for p in nas.schedule.SCHEDULES.glob("*.yaml")}
     assert exponents.pop("full-v1") == 0.0 and set(exponents.values()) == {1.0} and len(exponents) >= 5
 
+
+
+def test_nas_train_seed_repeats_a_run_with_another_seed_and_resumes_only_its_own(tiny_corpus_dir, tiny_arch,
+                                                                                   tmp_path, capsys):
+    from nas.cli import main
+
+    design = tmp_path / "arch.json"
+    tiny_arch.save(design)
+    args = ["train", str(design), "--schedule", "tiny", "--data", f"manifest:{tiny_corpus_dir}", "--threads", "2"]
+    runs = {}
+    for seed in (None, 3):
+        out = tmp_path / f"seed-{seed}"
+        assert main(args + ["--out", str(out)] + ([] if seed is None else ["--seed", str(seed)])) == 0
+        ck = torch.load(out / "checkpoint.pt", weights_only=False)
+        runs[seed] = (ck["schedule"]["seed"], json.loads((out / "metrics.json").read_text())["curve"][0]["train_loss"])
+    assert runs[None][0] == load_schedule("tiny").seed == 0 and runs[3][0] == 3
+    assert runs[None][1] != runs[3][1]  # another initialization and batch order: another first loss
+    capsys.readouterr()
+    # the seed-3 run's directory holds a run of another schedule for seed 4: refused in one line, kept
+    assert main(args + ["--out", str(tmp_path / "seed-3"), "--seed", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run of another design or schedule" in err[0], err
+    assert (tmp_path / "seed-3" / "metrics.json").is_file()
