@@ -6,6 +6,7 @@ import json
 import math
 import random
 import re
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,6 +15,7 @@ from scipy.stats import kendalltau, spearmanr
 
 from nas.baselines import baselines
 from nas.budget import count, parse_budget
+from nas.config import ArchConfig
 from nas.data.corpus import resolve_data
 from nas.pareto import front, reference_point
 from nas.report import decisions, param_importances, write_report
@@ -281,6 +283,21 @@ def test_no_verdict_when_nothing_has_learned():
     h = headline([r | {"seed": 0} for r in rows], budget_bytes=100)
     assert h.verdict == "nothing learned"
     assert "**No verdict: every design's test WER is at least 100%" in headline_section(h)
+
+
+def test_every_field_a_shipped_space_searches_outside_sharing_is_a_decision():
+    """A searched knob missing from the decisions would never show in the importance table (the
+    front end's channels were missing until 2026-12-06): every searched field of ``frontend``,
+    ``encoder`` and ``vocab_size`` in ``search_spaces/*.yaml`` must be one, with the design's value."""
+    design = ArchConfig.load(Path("search_spaces/designs/unshared-1m-relpos.json"))
+    found = decisions(design)
+    assert (found["frontend.channels"], found["frontend.subsampling"], found["vocab_size"],
+            found["encoder.rel_pos_buckets"]) == (32, 4, 64, 32)
+    searched = {k.name for f in sorted(Path("search_spaces").glob("*.yaml")) for k in load_space(f).knobs
+                if not k.fixed and k.name.startswith(("frontend.", "encoder.", "vocab_size"))}
+    assert "frontend.channels" in searched  # the check has something to check
+    assert searched - {"encoder.n_layers"} <= set(found)  # layers: "virtual layers"
+    assert "virtual layers" in found
 
 
 def test_importance_of_design_decisions_on_a_larger_study(tmp_path):

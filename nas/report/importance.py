@@ -25,6 +25,8 @@ def decisions(arch: ArchConfig) -> dict[str, int | str]:
     blocks = arch.block_map()
     n_blocks = len(set(blocks))
     out: dict[str, int | str] = {
+        "frontend.channels": arch.frontend.channels, "frontend.subsampling": arch.frontend.subsampling,
+        "vocab_size": arch.vocab_size, "encoder.rel_pos_buckets": enc.rel_pos_buckets,
         "encoder.d_model": enc.d_model, "encoder.ffn_dim": enc.ffn_dim, "encoder.n_heads": enc.n_heads,
         "encoder.conv_kernel": enc.conv_kernel, "virtual layers": enc.n_layers, "stored blocks": n_blocks,
         "block pattern": "none" if n_blocks == len(blocks) else
