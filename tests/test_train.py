@@ -238,7 +238,6 @@ def test_a_tensor_that_serves_k_places_learns_at_the_rate_divided_by_k():
     assert exponents.pop("full-v1") == 0.0 and set(exponents.values()) == {1.0} and len(exponents) >= 5
 
 
-
 def test_nas_train_seed_repeats_a_run_with_another_seed_and_resumes_only_its_own(tiny_corpus_dir, tiny_arch,
                                                                                    tmp_path, capsys):
     from nas.cli import main
