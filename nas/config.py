@@ -133,7 +133,6 @@ class Encoder(_Frozen):
         return self
 
 
-
 class ModuleMaps(_Frozen):
     """Level 2: per module kind, a map over *stored blocks* to module instances."""
 

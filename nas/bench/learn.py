@@ -31,14 +31,15 @@ TARGETS = (0.30, 0.15)
 RECIPES = (("full-v1", "synth:3"), ("full", "synth"))  # (schedule, data): the reference first
 # One change each to `full`, for `bench_levers`: the levers of the first learning that the issue
 # named and `full` does not already take (measured 2026-12-06: none reached 30% sooner beyond the
-# machine's run-to-run noise, up to 20% in step time between runs; step counts are deterministic).
-# A key that is no schedule field is a design field by its dotted path: three change the front
-# end, with subword units, since at 6x (16.7 frames/s) and 8x the embedded corpus's 15.9
-# characters/s do not fit character CTC; the next gives self-attention relative positions (T5's 32 buckets; 512 more parameters). The optimizer's
-# settings come last: tighter gradient clipping (the one lever that takes fewer steps: 500 against
-# 550), a shorter moving average, the residual branches' initial scale, a higher peak after a longer
-# warm-up. (`ema: 0.99` is not among them: the average's warmed-up decay, (1 + n) / (10 + n), stays
-# below 0.99 until step 890, so its first 550 steps are `full`'s own.)
+# machine's run-to-run noise, up to 20% in step time between runs; step counts are deterministic). A
+# key that is no schedule field is a design field by its dotted path: three change the front end,
+# with subword units, since at 6x (16.7 frames/s) and 8x the embedded corpus's 15.9 characters/s do
+# not fit character CTC; the next gives self-attention relative positions (T5's 32 buckets; 512 more
+# parameters). The optimizer's settings come last: tighter gradient clipping (the one lever that
+# takes fewer steps: 500 against 550), a shorter moving average, the residual branches' initial
+# scale, a higher peak after a longer warm-up. (`ema: 0.99` is not among them: the average's warmed-
+# up decay, (1 + n) / (10 + n), stays below 0.99 until step 890, so its first 550 steps are `full`'s
+# own.)
 LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "peak_lr": 6e-3},
           {"sort_first_steps": 400}, {"ema": 0.0}, {"tokenizer": "unigram"},
           {"frontend.subsampling": 6, "vocab_size": 128, "tokenizer": "unigram"},
