@@ -162,7 +162,8 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("arch", type=Path, help="ArchConfig JSON (an export's arch.json works too)")
     t.add_argument("--schedule", default="proxy",
                    help=f"a named schedule ({schedules}) or a YAML file (default proxy)")
-    t.add_argument("--data", default="synth", help="synth[:HOURS], librispeech:PATH or manifest:DIR")
+    t.add_argument("--data", help="synth[:HOURS], librispeech:PATH or manifest:DIR (default: the schedule's "
+                                  "data, else synth; full trains on synth:30)")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     t.add_argument("--seed", type=int, default=None,
@@ -298,7 +299,8 @@ def _train(args) -> int:
     if args.seed is not None:
         schedule = schedule.model_copy(update={"seed": args.seed})
     _log_file(args.out)
-    metrics = train(arch, schedule, resolve_data(args.data), args.out, threads=args.threads)
+    corpus = resolve_data(args.data or schedule.data or "synth")
+    metrics = train(arch, schedule, corpus, args.out, threads=args.threads)
     for split, skipped in metrics["skipped"].items():
         if skipped:
             print(f"{split}: {skipped_text(skipped).removeprefix(', ')}: audio that would not decode")

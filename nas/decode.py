@@ -122,7 +122,7 @@ class BeamDecoder:
 # word score are chosen, faster ones last. On the unshared 1M design's dev set (2026-11-27, one
 # thread each, another training sharing the 2 cores, so the times are rough): (32, 10, 25) decodes
 # in 25% of the forward passes' time at dev WER 20.9%; (32, 5, 15) in 16% at 21.0%; (16, 5, 15) in 9%
-# at 22.4%; (8, 5, 15) at 26.9%. The tuned choice is measured alone in results/full-1m/metrics.json.
+# at 22.4%; (8, 5, 15) at 26.9%. The tuned choice is measured alone in results/full-1m-10h/metrics.json.
 # Not (32, 5, 10), tried on 2026-12-06: on dev it decodes in 0.7x (32, 5, 15)'s time within 0.1
 # point of WER (10 h and 30 h `full` runs), but on test it lets the beam die partway through some
 # utterances (one of 6 words decoded to none, one of 8 to 2): the 30 h run's test WER went from

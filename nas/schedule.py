@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nas.config import user_error
+from nas.data.corpus import check_spec
 from nas.errors import UserError
 from nas.files import read_yaml
 
@@ -46,6 +47,10 @@ class Schedule(BaseModel):
     is decoded greedily. ``decode`` says how the final evaluation decodes: ``greedy``, or ``beam``
     (beam search with a lexicon and a word ``lm_order``-gram LM built from the training
     transcripts, its LM weight tuned on dev; the greedy figures are reported beside it).
+    ``data`` is the corpus ``nas train`` trains on with this schedule when its ``--data`` is not
+    given (``full`` names 30 h of the embedded corpus); a search, a retrain and a benchmark train on
+    the corpus they are given. It is not part of the schedule's serialization, so not of a run's
+    key: a run records its corpus itself (``metrics.json``'s ``data``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -70,6 +75,17 @@ class Schedule(BaseModel):
     decode: Literal["greedy", "beam"] = "greedy"
     lm_order: int = Field(3, ge=1, le=6)
     seed: int = 0
+    data: str | None = Field(None, exclude=True)
+
+    @field_validator("data")
+    @classmethod
+    def _corpus_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check_spec(value)
+            except UserError as exc:
+                raise ValueError(exc.why) from None
+        return value
 
 
 def load_schedule(name_or_path: str | Path) -> Schedule:

@@ -101,8 +101,9 @@ def train(
     # decodes far better than the last step's weights.
     ema = AveragedModel(model, multi_avg_fn=_ema(schedule.ema), use_buffers=True) if schedule.ema else None
     ckpt = out / "checkpoint.pt"
+    data = _data_record(corpus, train_set)
     if ckpt.is_file():
-        state = _resume(ckpt, arch, schedule, model, opt, sched, ema)
+        state = _resume(ckpt, arch, schedule, data, model, opt, sched, ema)
         state["resumed_at"] = state.get("resumed_at", []) + [state["step"]]
         log.info("resuming %s at step %d", out, state["step"])
 
@@ -179,7 +180,7 @@ def train(
             state["curve"].append(point)
             loss_sum, loss_n = 0.0, 0
             bar.set_postfix(loss=f"{point['train_loss']:.3f}", dev_wer=f"{dev['wer']:.3f}")
-            _save(ckpt, arch, schedule, model, opt, sched,
+            _save(ckpt, arch, schedule, data, model, opt, sched,
                   {**state, "epoch_batches": batches, "epoch_sorted": sorted_epoch, "augment_rng": gen.get_state()},
                   ema)
             if callback is not None and callback(state["step"], point):
@@ -187,7 +188,7 @@ def train(
     bar.close()
     state["train_seconds"] = time.perf_counter() - t_start
 
-    metrics = _final_metrics(arch, schedule, state, stopped_early, device, tokenizer)
+    metrics = _final_metrics(arch, schedule, state, stopped_early, device, tokenizer) | {"data": data}
     model = _weights(model, ema)  # what is evaluated and saved from here on
     dev = forward(model, dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
     decoder = None
@@ -356,15 +357,22 @@ def _weights(model: ConformerCTC, ema: AveragedModel | None) -> ConformerCTC:
     return model if ema is None else ema.module
 
 
-def _save(path: Path, arch, schedule, model, opt, sched, state, ema=None) -> None:
+def _data_record(corpus: Corpus, train_set: FeatureSet) -> dict:
+    """What a run was trained on: the corpus as named, and its training split's size and manifest
+    digest (what identifies it, however it was named: ``synth`` and ``synth:10`` are one corpus)."""
+    return {"spec": corpus.spec, "train_utterances": len(train_set),
+            "train_hours": round(sum(train_set.lengths) / 100 / 3600, 2), "train_sha256": train_set.manifest_sha256}
+
+
+def _save(path: Path, arch, schedule, data: dict, model, opt, sched, state, ema=None) -> None:
     with atomic_path(path) as tmp:  # a run killed while saving keeps the previous checkpoint
-        torch.save({"arch": arch.to_json(), "schedule": schedule.model_dump(), "model": model.stored_state(),
-                    "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
+        torch.save({"arch": arch.to_json(), "schedule": schedule.model_dump(), "data": data,
+                    "model": model.stored_state(), "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state,
                     "ema": None if ema is None else {"model": ema.module.stored_state(), "n": ema.n_averaged},
                     "rng": torch.get_rng_state()}, tmp)
 
 
-def _resume(path: Path, arch, schedule, model, opt, sched, ema=None) -> dict:
+def _resume(path: Path, arch, schedule, data: dict, model, opt, sched, ema=None) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises pickle, zip and EOF errors for damaged files
@@ -372,6 +380,10 @@ def _resume(path: Path, arch, schedule, model, opt, sched, ema=None) -> dict:
                         "the run over") from None
     if ArchConfig.from_json(ck["arch"]) != arch or ck["schedule"] != schedule.model_dump():
         raise UserError(str(path), "", "holds a run of another design or schedule; use another --out")
+    trained_on = ck.get("data")  # (checkpoints written before 2026-12-06 do not say)
+    if trained_on is not None and trained_on["train_sha256"] != data["train_sha256"]:
+        raise UserError(str(path), "data", f"holds a run trained on another corpus ({trained_on['spec']}, "
+                        f"{trained_on['train_hours']:g} h), not {data['spec']}; use another --out")
     model.load_state_dict(ck["model"], strict=False)
     if ema is not None:
         ema.module.load_state_dict(ck["ema"]["model"], strict=False)

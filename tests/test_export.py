@@ -520,8 +520,10 @@ def test_bf16_export_and_refusals(plain_run, tmp_path):
 def test_the_deploy_benchmark_reads_its_figures_from_the_export(plain_lm_run, tiny_corpus_dir, tmp_path):
     from nas.bench.deploy import bench_deploy
 
-    figures = bench_deploy([plain_lm_run], data=f"manifest:{tiny_corpus_dir}", test_utterances=4, results=tmp_path)
+    # no corpus given: the run's own, which its metrics.json records, calibrates and measures it
+    figures = bench_deploy([plain_lm_run], test_utterances=4, results=tmp_path)
     name = plain_lm_run.name
+    assert figures[f"{name}.data"] == f"manifest:{tiny_corpus_dir}" and figures["data"] == "each run's own"
     prov = json.loads((tmp_path / name / "arch.json").read_text())["provenance"]
     assert figures[f"{name}.int8_weight_bytes"] == figures[f"{name}.budget_arithmetic_bytes"] == count(PLAIN).bytes("int8")
     assert figures[f"{name}.bytes_within_1pct"] is True and figures[f"{name}.test_utterances"] == 4

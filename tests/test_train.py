@@ -94,6 +94,31 @@ def test_a_checkpoint_of_another_design_is_refused(tiny_corpus_dir, tiny_arch, t
         train(other, schedule(steps=6), corpus, tmp_path, progress=False)
 
 
+def test_a_run_records_its_corpus_and_refuses_to_resume_on_another(tiny_corpus_dir, tiny_arch, tmp_path):
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    out = tmp_path / "run"
+
+    def crash(step, point):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_arch, schedule(), corpus, out, callback=crash, progress=False)
+    rows = read_manifest(corpus.train)[:-1]  # the same corpus less one training utterance
+    other = tmp_path / "other"
+    for split in ("train", "dev", "test"):
+        write_manifest(other / f"{split}.jsonl", rows if split == "train" else read_manifest(getattr(corpus, split)))
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(UserError, match=r"checkpoint.pt: data: holds a run trained on another corpus \(manifest:"):
+        train(tiny_arch, schedule(), resolve_data(f"manifest:{other}"), out, progress=False)
+    assert (out / "checkpoint.pt").read_bytes() == before  # the refused run wrote nothing
+
+    m = train(tiny_arch, schedule(), corpus, out, progress=False, evaluate_test=False)  # its own corpus resumes
+    train_rows = read_manifest(corpus.train)
+    assert m["resumed_at_steps"] == [6] and m["data"]["spec"] == f"manifest:{tiny_corpus_dir}"
+    assert m["data"]["train_utterances"] == len(train_rows) == len(rows) + 1
+    assert abs(m["data"]["train_hours"] - sum(u.duration for u in train_rows) / 3600) <= 0.005
+
+
 def test_callback_can_stop_a_run_early(tiny_corpus_dir, tiny_arch, tmp_path):
     corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
     m = train(tiny_arch, schedule(), corpus, tmp_path, callback=lambda step, p: True, progress=False)
@@ -259,3 +284,31 @@ def test_nas_train_seed_repeats_a_run_with_another_seed_and_resumes_only_its_own
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a run of another design or schedule" in err[0], err
     assert (tmp_path / "seed-3" / "metrics.json").is_file()
+
+
+def test_a_schedules_data_is_what_nas_train_trains_on_unless_data_is_given(tiny_corpus_dir, tiny_arch, tmp_path,
+                                                                           capsys):
+    from nas.cli import main
+    from nas.workers import run_key
+
+    assert load_schedule("full").data == "synth:30"  # full's figures are on 30 h of the embedded corpus
+    design = tmp_path / "arch.json"
+    tiny_arch.save(design)
+    mine = tmp_path / "tiny-here.yaml"
+    mine.write_text((nas.schedule.SCHEDULES / "tiny.yaml").read_text() + f"\ndata: manifest:{tiny_corpus_dir}\n")
+    # the corpus is no part of the schedule's serialization, so none of a run's key: the run records it
+    assert load_schedule(mine).model_dump() == load_schedule("tiny").model_dump()
+    assert run_key(tiny_arch, load_schedule(mine)) == run_key(tiny_arch, load_schedule("tiny"))
+    args = ["train", str(design), "--schedule", str(mine), "--threads", "2", "--out"]
+    assert main(args + [str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["spec"] == f"manifest:{tiny_corpus_dir}"
+    other = tmp_path / "copy"
+    shutil.copytree(tiny_corpus_dir, other, ignore=shutil.ignore_patterns("features"))
+    assert main(args + [str(tmp_path / "given"), "--data", f"manifest:{other}"]) == 0  # --data wins
+    assert json.loads((tmp_path / "given" / "metrics.json").read_text())["data"]["spec"] == f"manifest:{other}"
+
+    mine.write_text((nas.schedule.SCHEDULES / "tiny.yaml").read_text() + "\ndata: synth:-1\n")
+    capsys.readouterr()
+    assert main(args + [str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad" / "checkpoint.pt").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {mine}: data: ") and "positive number of hours" in err[0], err

@@ -39,23 +39,27 @@ def default_runs(results: Path = RESULTS) -> list[Path]:
     return [p for p in dict.fromkeys(found) if (p / "model.safetensors").is_file()]
 
 
-def bench_deploy(runs: list[str | Path] | None = None, data: str = "synth", dtype: str = "int8",
+def bench_deploy(runs: list[str | Path] | None = None, data: str | None = None, dtype: str = "int8",
                  activations: str = "static", test_utterances: int | None = None,
                  results: Path = RESULTS / "bench-deploy") -> dict:
     """Export each run directory of ``runs`` (default :func:`default_runs`) at ``dtype`` into
-    ``results/<run name>`` and return its figures, keyed ``<run name>.<figure>``."""
+    ``results/<run name>`` and return its figures, keyed ``<run name>.<figure>``. Each run is
+    calibrated and measured on ``data``, else on the corpus it was trained on (its ``metrics.json``
+    records it), else on ``synth``: the test set is the one its training came with."""
     runs = [Path(r) for r in runs] if runs else default_runs()
     if not runs:
         raise UserError(str(RESULTS / DEFAULT_RUNS[0]), "", "no trained run directory to export (train one: nas "
-                        "train search_spaces/designs/unshared-1m.json --schedule full --data synth --out results/full-1m)")
+                        "train search_spaces/designs/unshared-1m.json --schedule full --out results/full-1m)")
     from nas.export import write_export
 
-    figures: dict = {"dtype": dtype, "activations": activations, "data": data, "threads": 1}
+    figures: dict = {"dtype": dtype, "activations": activations, "data": data or "each run's own", "threads": 1}
     for run in runs:
         arch = _arch_of(run)
+        corpus = data or _trained_on(run)
         t0 = time.perf_counter()
-        out = write_export(Path(results) / run.name, arch, run, {"run_dir": str(run), "data": data}, force=True,
-                           dtype=dtype, data=data, activations=activations, test_utterances=test_utterances)
+        out = write_export(Path(results) / run.name, arch, run, {"run_dir": str(run), "data": corpus}, force=True,
+                           dtype=dtype, data=corpus, activations=activations, test_utterances=test_utterances)
+        figures[f"{run.name}.data"] = corpus
         prov = json.loads((out / "arch.json").read_text())["provenance"]
         figures |= {f"{run.name}.{k}": v for k, v in _figures(prov, dtype).items()}
         figures[f"{run.name}.export_s"] = round(time.perf_counter() - t0, 1)
@@ -93,6 +97,15 @@ def _figures(prov: dict, dtype: str) -> dict:
             out[f"wer_increase_points_{dec}"] = round(100 * m["wer"], 2)
         out["wer_increase_within_1pt"] = d["difference"][decoding]["wer"] <= WER_GOAL
     return out
+
+
+def _trained_on(run: Path) -> str:
+    """The corpus a run directory's ``metrics.json`` says it trained on (runs of before 2026-12-06
+    do not say: ``synth``, every one of them committed here)."""
+    try:
+        return json.loads((run / "metrics.json").read_text())["data"]["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "synth"
 
 
 def _arch_of(run: Path) -> ArchConfig:
