@@ -299,7 +299,10 @@ def _train(args) -> int:
     if args.seed is not None:
         schedule = schedule.model_copy(update={"seed": args.seed})
     _log_file(args.out)
-    corpus = resolve_data(args.data or schedule.data or "synth")
+    spec = args.data or schedule.data or "synth"
+    if not args.data and schedule.data:  # a corpus the command line did not name: say which
+        print(f"corpus {spec}: the {schedule.name} schedule's data (--data for another)", flush=True)
+    corpus = resolve_data(spec)
     metrics = train(arch, schedule, corpus, args.out, threads=args.threads)
     for split, skipped in metrics["skipped"].items():
         if skipped:

@@ -300,7 +300,9 @@ def test_a_schedules_data_is_what_nas_train_trains_on_unless_data_is_given(tiny_
     assert load_schedule(mine).model_dump() == load_schedule("tiny").model_dump()
     assert run_key(tiny_arch, load_schedule(mine)) == run_key(tiny_arch, load_schedule("tiny"))
     args = ["train", str(design), "--schedule", str(mine), "--threads", "2", "--out"]
+    capsys.readouterr()
     assert main(args + [str(tmp_path / "run")]) == 0
+    assert f"corpus manifest:{tiny_corpus_dir}: the tiny schedule's data" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]["spec"] == f"manifest:{tiny_corpus_dir}"
     other = tmp_path / "copy"
     shutil.copytree(tiny_corpus_dir, other, ignore=shutil.ignore_patterns("features"))
