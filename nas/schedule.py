@@ -15,7 +15,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nas.config import user_error
-from nas.data.corpus import check_spec
 from nas.errors import UserError
 from nas.files import read_yaml
 
@@ -81,6 +80,8 @@ class Schedule(BaseModel):
     @classmethod
     def _corpus_name(cls, value: str | None) -> str | None:
         if value is not None:
+            from nas.data.corpus import check_spec  # here: it imports torch, which `nas transcribe` never does
+
             try:
                 check_spec(value)
             except UserError as exc:
