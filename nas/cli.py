@@ -116,7 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_count)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search", "learn", "levers", "fidelity", "deploy"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search", "learn", "levers", "fidelity", "deploy", "decode"])
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
     b.add_argument("--trials", type=int, default=12, help="search: trials per study (default 12)")
     b.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler (default 3)")
@@ -140,7 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="fidelity: train nothing, rank the designs whose runs are all done (where a benchmark "
                         "run over several sittings stands)")
     b.add_argument("--runs", type=Path, nargs="+",
-                   help="deploy: trainer run directories to export (default results/full-1m and results/full-1m-*)")
+                   help="deploy: trainer run directories to export; decode: to decode (default results/full-1m and "
+                        "results/full-1m-*)")
     b.add_argument("--designs", default="unshared,paper",
                    help="learn: which 1M baselines to train, comma-separated (default unshared,paper); each "
                         "resumes from results/bench-learn/, so the benchmark can be run one design per sitting")
@@ -421,7 +422,7 @@ def _bench(args) -> int:
     if args.jobs > 1:  # the cores shared out among the jobs; alone, bench_fidelity's own default
         fidelity["threads"] = max(1, (os.cpu_count() or 2) // args.jobs)
     bench.run(args.which, args.out, search, learn={"designs": designs}, fidelity=fidelity,
-              deploy={"runs": args.runs} if args.runs else None)
+              deploy={"runs": args.runs} if args.runs else None, decode={"runs": args.runs} if args.runs else None)
     return 0
 
 

@@ -106,3 +106,45 @@ def test_the_tuner_keeps_the_fastest_pruning_that_costs_no_more_than_its_toleran
     loose, loose_wer = tune_decoder(lm, outputs, sentences, lm_weights=(2.0,), word_scores=(0.0,), pruning=pruning,
                                     tolerance=1.0)
     assert (loose.beam, loose.beam_tokens) == (1, 1) and loose_wer > wer  # the fastest, and worse
+
+
+def test_the_decode_benchmark_redecodes_a_run_as_its_trainer_did(tiny_corpus_dir, tmp_path):
+    import json
+
+    import pytest
+
+    from nas.bench.decode import bench_decode
+    from nas.errors import UserError
+
+    arch = nas.train.ArchConfig.from_dict({"frontend": {"channels": 8}, "vocab_size": 40, "encoder": {
+        "d_model": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 2, "conv_kernel": 7}})
+    run = tmp_path / "run"
+    schedule = load_schedule("tiny").model_copy(update={"decode": "beam", "steps": 150, "peak_lr": 1e-2, "eval_every": 150})
+    m = train(arch, schedule, resolve_data(f"manifest:{tiny_corpus_dir}"), run, progress=False)
+    assert 0 < m["test"]["beam_cer"] < 1, "the model must spell something, or reproducing its WER proves nothing"
+    pruning = ((50, 10, 30.0), (2, 2, 5.0))
+    figures = bench_decode([run], pruning=pruning, threads=1, repeats=1)
+
+    d, rows = m["decoder"], figures["run.pruning"]
+    own = (d["beam"], d["beam_tokens"], d["beam_threshold"])
+    assert own not in pruning  # so the run's own pruning is added, last
+    assert [(r["beam"], r["classes"], r["threshold"]) for r in rows] == [*pruning, own]
+    assert [r["tuned"] for r in rows] == [False, False, True]
+    # the row of the run's own settings decodes as the trainer's final evaluation did
+    assert (rows[-1]["test_wer"], rows[-1]["test_cer"]) == (round(m["test"]["beam_wer"], 4), round(m["test"]["beam_cer"], 4))
+    assert figures["run.reproduces_metrics"] is True and figures["run.data"] == f"manifest:{tiny_corpus_dir}"
+    assert (figures["run.lm_weight"], figures["run.word_score"]) == (d["lm_weight"], d["word_score"])
+    for r in rows:
+        assert r["decode_share"] > 0
+        assert r["meets_goals"] == (r["test_wer"] <= 0.15 and r["test_cer"] <= 0.06 and r["decode_share"] <= 0.25)
+    # the test words a lexicon-constrained search can never spell: those of no training transcript
+    train_words = {w for t in texts(tiny_corpus_dir, "train") for w in t.split()}
+    words = [w for t in texts(tiny_corpus_dir, "test") for w in t.split()]
+    unseen = [w for w in words if w not in train_words]
+    assert unseen and figures["run.test_words_outside_lexicon"] == round(len(unseen) / len(words), 4)
+    assert figures["run.test_chars_outside_lexicon"] == round(sum(map(len, unseen)) / sum(map(len, words)), 4)
+
+    # a run that decoded greedily has nothing to re-decode: one line naming its metrics.json
+    (run / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "decoder"}))
+    with pytest.raises(UserError, match=r"metrics.json: decoder: the run did not decode with beam search"):
+        bench_decode([run])

@@ -11,6 +11,8 @@ adds them to ``results/bench.json`` and ``results/bench.md``.
   training does, against ranking by size.
 - ``deploy`` (:mod:`nas.bench.deploy`): int8 exports of trained runs against fp32: bytes, WER,
   real-time factor and activation memory.
+- ``decode`` (:mod:`nas.bench.decode`): the beam's pruning on trained runs, test WER and CER
+  against decoding's share of the forward passes' time.
 """
 
 from __future__ import annotations
@@ -27,20 +29,21 @@ from nas.files import atomic_write
 BENCHMARKS = {"budget": ("speed", "bench_budget"), "train": ("speed", "bench_train"),
               "search": ("search", "bench_search"), "learn": ("learn", "bench_learn"),
               "levers": ("learn", "bench_levers"),
-              "fidelity": ("fidelity", "bench_fidelity"), "deploy": ("deploy", "bench_deploy")}
+              "fidelity": ("fidelity", "bench_fidelity"), "deploy": ("deploy", "bench_deploy"),
+              "decode": ("decode", "bench_decode")}
 
 
 def run(which: str, out_dir: Path, search: dict | None = None, learn: dict | None = None,
-        deploy: dict | None = None, fidelity: dict | None = None) -> dict:
-    """Run one benchmark or all; ``search``, ``learn``, ``fidelity`` and ``deploy`` override
-    :func:`bench_search`'s, :func:`bench_learn`'s, :func:`bench_fidelity`'s and :func:`bench_deploy`'s
-    arguments."""
+        deploy: dict | None = None, fidelity: dict | None = None, decode: dict | None = None) -> dict:
+    """Run one benchmark or all; ``search``, ``learn``, ``fidelity``, ``deploy`` and ``decode``
+    override :func:`bench_search`'s, :func:`bench_learn`'s, :func:`bench_fidelity`'s,
+    :func:`bench_deploy`'s and :func:`bench_decode`'s arguments."""
     names = list(BENCHMARKS) if which == "all" else [which]
     overrides = {"search": {"results": out_dir / "bench-search"} | (search or {}),
                  "learn": {"results": out_dir / "bench-learn"} | (learn or {}),
                  "levers": {"results": out_dir / "bench-learn" / "levers"},
                  "fidelity": {"results": out_dir / "bench-fidelity"} | (fidelity or {}),
-                 "deploy": {"results": out_dir / "bench-deploy"} | (deploy or {})}
+                 "deploy": {"results": out_dir / "bench-deploy"} | (deploy or {}), "decode": decode or {}}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bench.json"
     results = json.loads(path.read_text()) if path.exists() else {}

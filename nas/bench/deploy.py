@@ -54,8 +54,8 @@ def bench_deploy(runs: list[str | Path] | None = None, data: str | None = None, 
 
     figures: dict = {"dtype": dtype, "activations": activations, "data": data or "each run's own", "threads": 1}
     for run in runs:
-        arch = _arch_of(run)
-        corpus = data or _trained_on(run)
+        arch = arch_of(run)
+        corpus = data or trained_on(run)
         t0 = time.perf_counter()
         out = write_export(Path(results) / run.name, arch, run, {"run_dir": str(run), "data": corpus}, force=True,
                            dtype=dtype, data=corpus, activations=activations, test_utterances=test_utterances)
@@ -99,7 +99,7 @@ def _figures(prov: dict, dtype: str) -> dict:
     return out
 
 
-def _trained_on(run: Path) -> str:
+def trained_on(run: Path) -> str:
     """The corpus a run directory's ``metrics.json`` says it trained on (runs of before 2026-12-06
     do not say: ``synth``, every one of them committed here)."""
     try:
@@ -108,7 +108,7 @@ def _trained_on(run: Path) -> str:
         return "synth"
 
 
-def _arch_of(run: Path) -> ArchConfig:
+def arch_of(run: Path) -> ArchConfig:
     """The design a run directory trained: its ``arch.json`` if it has one, else its checkpoint's."""
     if (run / "arch.json").is_file():
         return ArchConfig.load(run / "arch.json")
