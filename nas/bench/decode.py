@@ -29,15 +29,22 @@ from pathlib import Path
 import jiwer
 import torch
 
-from nas.bench.deploy import arch_of, trained_on, default_runs
+from nas.bench.deploy import DECODE_GOAL, arch_of, default_runs, trained_on
+from nas.data.corpus import resolve_data
+from nas.data.features import FeatureConfig, FeatureSet
+from nas.data.tokenizer import Tokenizer
+from nas.decode import PRUNING, BeamDecoder, BeamSettings
 from nas.errors import UserError
+from nas.model import ConformerCTC
+from nas.schedule import load_schedule
+from nas.train import Outputs, forward
 
-# (beam, classes per frame, score threshold): nas.decode.PRUNING's three and two between them.
-PRUNING = ((32, 10, 25.0), (24, 10, 25.0), (32, 7, 20.0), (32, 5, 15.0), (16, 5, 15.0))
-WER_GOAL, CER_GOAL, DECODE_GOAL = 0.15, 0.06, 0.25
+# (beam, classes per frame, score threshold), widest first: the tuner's three and two between them.
+SWEEP = (PRUNING[0], (24, 10, 25.0), (32, 7, 20.0), *PRUNING[1:])
+WER_GOAL, CER_GOAL = 0.15, 0.06  # the full schedule's test WER and CER
 
 
-def bench_decode(runs: list[str | Path] | None = None, pruning: tuple = PRUNING, threads: int = 2,
+def bench_decode(runs: list[str | Path] | None = None, pruning: tuple = SWEEP, threads: int = 2,
                  repeats: int = 2) -> dict:
     """Figures of each run directory of ``runs`` (default: those of :func:`nas.bench.deploy.default_runs`
     that decoded with beam search), keyed ``<run name>.<figure>``; ``<run name>.pruning`` is a table."""
@@ -53,13 +60,6 @@ def bench_decode(runs: list[str | Path] | None = None, pruning: tuple = PRUNING,
 
 
 def _run_figures(run: Path, pruning: tuple, repeats: int) -> dict:
-    from nas.data.corpus import resolve_data
-    from nas.data.features import FeatureConfig, FeatureSet
-    from nas.data.tokenizer import Tokenizer
-    from nas.decode import BeamDecoder, BeamSettings
-    from nas.model import ConformerCTC
-    from nas.train import forward
-
     metrics = _metrics(run)
     tuned = metrics["decoder"]
     arch, spec = arch_of(run), trained_on(run)
@@ -102,9 +102,8 @@ def _run_figures(run: Path, pruning: tuple, repeats: int) -> dict:
     }
 
 
-def _decoded(decoder, outputs, repeats: int) -> tuple[list[str], float]:
-    """The hypotheses of ``outputs`` (:class:`nas.train.Outputs`), and the fastest of ``repeats``
-    decoding passes over them, in seconds."""
+def _decoded(decoder: BeamDecoder, outputs: Outputs, repeats: int) -> tuple[list[str], float]:
+    """The hypotheses of ``outputs``, and the fastest of ``repeats`` decoding passes over them, in seconds."""
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -116,8 +115,6 @@ def _decoded(decoder, outputs, repeats: int) -> tuple[list[str], float]:
 def _batch_frames(run: Path, metrics: dict) -> int:
     """The batch size the run's final evaluation used (its checkpoint's schedule, else the schedule
     its ``metrics.json`` names), so that the forward passes here pad as the trainer's did."""
-    from nas.schedule import load_schedule
-
     if (run / "checkpoint.pt").is_file():
         return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["schedule"]["batch_frames"]
     return load_schedule(metrics["schedule"]).batch_frames
