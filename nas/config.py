@@ -45,12 +45,14 @@ CONV_STACKS = {4: ((3, 2), (3, 2)), 6: ((3, 2), (5, 3)), 8: ((3, 2), (3, 2), (3,
 REL_POS_MAX_DISTANCE = 128
 
 
-class _Frozen(BaseModel):
+class Frozen(BaseModel):
+    """A validated, immutable config (designs here, schedules in :mod:`nas.schedule`)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
-    # Fields added after designs were stored (in studies, run keys, exports, committed benchmark
-    # runs): left out of the serialization at their default, so that every design of before
-    # serializes, and hashes, exactly as it did (a study resumes onto its own trials, a benchmark
-    # reads its runs back). Reading a design without one gives the default.
+    # Fields added after designs or schedules were stored (in studies, run keys, exports, committed
+    # benchmark runs): left out of the serialization at their default, so that every design and
+    # schedule of before serializes, and hashes, exactly as it did (a study resumes onto its own
+    # trials, a benchmark reads its runs back). Reading one without such a field gives the default.
     _added_later: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
@@ -62,7 +64,7 @@ class _Frozen(BaseModel):
         return out
 
 
-class Tiling(_Frozen):
+class Tiling(Frozen):
     """A map of ``length`` positions onto ``n`` stored items by a named pattern."""
 
     pattern: Pattern
@@ -96,7 +98,7 @@ def resolve_map(m: SharingMap | None, length: int) -> tuple[int, ...]:
     return tuple(i % n if i < head else n - 1 - (i - head) % n for i in range(length))
 
 
-class FrontEnd(_Frozen):
+class FrontEnd(Frozen):
     """Log-mel input and the convolutional subsampling in time and frequency: 4x is two 3x3
     stride-2 Conv2d (torchaudio's and ESPnet's), 6x a 3x3 stride-2 then a 5x5 stride-3 one, 8x
     three 3x3 stride-2 ones; each with ReLU, then a linear projection to ``d_model``. 6x and 8x
@@ -108,7 +110,7 @@ class FrontEnd(_Frozen):
     subsampling: Literal[4, 6, 8] = 4
 
 
-class Encoder(_Frozen):
+class Encoder(Frozen):
     d_model: PosInt = 144
     n_heads: PosInt = 4
     ffn_dim: PosInt = 576
@@ -133,7 +135,7 @@ class Encoder(_Frozen):
         return self
 
 
-class ModuleMaps(_Frozen):
+class ModuleMaps(Frozen):
     """Level 2: per module kind, a map over *stored blocks* to module instances."""
 
     ffn: SharingMap | None = None
@@ -141,7 +143,7 @@ class ModuleMaps(_Frozen):
     conv: SharingMap | None = None
 
 
-class Ties(_Frozen):
+class Ties(Frozen):
     """Level 3: sub-components tied inside a module (the weight matrices; biases stay separate)."""
 
     ffn_macaron: bool = False  # second feed-forward half reuses the first one's matrices
@@ -150,7 +152,7 @@ class Ties(_Frozen):
     conv_glu: bool = False  # both GLU halves of the first pointwise layer use one matrix
 
 
-class LowRank(_Frozen):
+class LowRank(Frozen):
     """Level 4 for one matrix family: ``W (out×in) = U (out×rank) · V (rank×in)``.
 
     ``share`` names the factors shared across module instances, within ``groups`` contiguous
@@ -162,7 +164,7 @@ class LowRank(_Frozen):
     groups: PosInt = 1
 
 
-class LowRankFamilies(_Frozen):
+class LowRankFamilies(Frozen):
     ffn_in: LowRank = LowRank()
     ffn_out: LowRank = LowRank()
     attn_qkv: LowRank = LowRank()
@@ -170,7 +172,7 @@ class LowRankFamilies(_Frozen):
     conv_pw: LowRank = LowRank()
 
 
-class Sharing(_Frozen):
+class Sharing(Frozen):
     blocks: SharingMap | None = None  # level 1: virtual layer -> stored block
     modules: ModuleMaps = ModuleMaps()
     ties: Ties = Ties()
@@ -178,7 +180,7 @@ class Sharing(_Frozen):
     per_layer_cheap: bool = False  # norms and biases unshared per virtual layer
 
 
-class ArchConfig(_Frozen):
+class ArchConfig(Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     frontend: FrontEnd = FrontEnd()
     encoder: Encoder = Encoder()

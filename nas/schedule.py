@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from nas.config import user_error
+from nas.config import Frozen, user_error
 from nas.errors import UserError
 from nas.files import read_yaml
 
@@ -29,7 +29,7 @@ class _Augment(BaseModel):
     time_width_ratio: float = Field(0.05, ge=0, le=1)
 
 
-class Schedule(BaseModel):
+class Schedule(Frozen):
     """A named training recipe, read from ``nas/schedules/<name>.yaml`` or a user's YAML file.
 
     ``batch_frames`` counts padded 10 ms log-mel frames per batch. The learning rate warms up
@@ -39,7 +39,9 @@ class Schedule(BaseModel):
     batches shortest first (SortaGrad, Amodei et al. 2016),
     the rest in a shuffled order. With ``ema`` (a decay such as 0.995) the weights evaluated and
     saved are an exponential moving average of the trained ones. ``branch_init_gain`` scales the
-    initial output matrix of every residual branch against ``nn.Linear``'s (:mod:`nas.model.build`).
+    initial output matrix of every residual branch against ``nn.Linear``'s (:mod:`nas.model.build`);
+    ``blank_bias`` is added to the output layer's initial blank bias (CTC emits blank on most
+    frames: starting nearer there shortens the first plateau, where the model emits nothing).
     A tensor that serves ``k`` places of the encoder (shared by layers, or tied) learns at the
     learning rate divided by ``k ** shared_lr_exponent`` (:func:`nas.train._param_groups`).
     ``eval_every`` steps the dev set (its first ``eval_utterances``)
@@ -52,7 +54,6 @@ class Schedule(BaseModel):
     key: a run records its corpus itself (``metrics.json``'s ``data``).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     name: str
     steps: int = Field(gt=0)
     batch_frames: int = Field(gt=0)
@@ -67,6 +68,7 @@ class Schedule(BaseModel):
     sort_first_steps: int = Field(0, ge=0)
     ema: float = Field(0.0, ge=0, lt=1)
     branch_init_gain: float = Field(0.1, gt=0, le=1)
+    blank_bias: float = Field(0.0, ge=0)
     shared_lr_exponent: float = Field(1.0, ge=0, le=1)
     eval_every: int = Field(gt=0)
     eval_utterances: int | None = Field(None, gt=0)
@@ -75,6 +77,8 @@ class Schedule(BaseModel):
     lm_order: int = Field(3, ge=1, le=6)
     seed: int = 0
     data: str | None = Field(None, exclude=True)
+    # not serialized at their default, so every run trained before they came keeps its key
+    _added_later: ClassVar[tuple[str, ...]] = ("blank_bias",)
 
     @field_validator("data")
     @classmethod

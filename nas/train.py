@@ -90,7 +90,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)  # only once the data was accepted: a refusal writes nothing
     tokenizer = _tokenizer(out, train_set.texts, arch.vocab_size, schedule.tokenizer)
 
-    model = ConformerCTC(arch, dropout=schedule.dropout, branch_init_gain=schedule.branch_init_gain).to(device)
+    model = initial_model(arch, schedule).to(device)
     opt = torch.optim.AdamW(_param_groups(model, schedule), lr=schedule.peak_lr,
                             fused=True)  # one kernel for all parameters: a step's optimizer time / 5 on the CPU
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, schedule))
@@ -204,6 +204,16 @@ def train(
     model.save(out / "model.safetensors")
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def initial_model(arch: ArchConfig, schedule: Schedule) -> ConformerCTC:
+    """The model before its first step, initialized as ``schedule`` says: the residual branches'
+    scale (``branch_init_gain``) and the blank's bias (``blank_bias``, added to ``nn.Linear``'s)."""
+    model = ConformerCTC(arch, dropout=schedule.dropout, branch_init_gain=schedule.branch_init_gain)
+    if schedule.blank_bias:
+        with torch.no_grad():
+            model.head.bias[BLANK] += schedule.blank_bias
+    return model
 
 
 @dataclass

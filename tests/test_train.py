@@ -314,3 +314,20 @@ def test_a_schedules_data_is_what_nas_train_trains_on_unless_data_is_given(tiny_
     assert main(args + [str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad" / "checkpoint.pt").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {mine}: data: ") and "positive number of hours" in err[0], err
+
+
+def test_the_blank_bias_raises_the_blank_at_initialization_and_nothing_else(tiny_arch):
+    from nas.data.tokenizer import BLANK
+    from nas.train import initial_model
+
+    tiny = load_schedule("tiny")
+    torch.manual_seed(0)
+    plain = initial_model(tiny_arch, tiny).state_dict()
+    torch.manual_seed(0)
+    biased = initial_model(tiny_arch, tiny.model_copy(update={"blank_bias": 3.7})).state_dict()
+    assert plain.keys() == biased.keys()
+    for name in plain:
+        if name != "head.bias":
+            assert torch.equal(plain[name], biased[name]), name  # the same draws: only the bias moved
+    shift = biased["head.bias"] - plain["head.bias"]
+    assert shift[BLANK].item() == pytest.approx(3.7) and not shift[BLANK + 1:].any()

@@ -41,3 +41,23 @@ def test_the_run_key_changes_with_the_design_or_the_schedule():
     keys = {run_key(arch, proxy), run_key(other, proxy), run_key(arch, load_schedule("full")),
             run_key(arch, proxy.model_copy(update={"seed": 1}))}
     assert len(keys) == 4 and all(len(k) == 16 for k in keys)
+
+
+def test_a_schedule_field_added_later_keeps_the_run_keys_of_before():
+    """``blank_bias`` came after runs were committed: at its default it is no part of the
+    schedule's serialization, so `full`'s benchmark runs are found under the keys they were
+    trained under (their directories' names); set, it is another run."""
+    from pathlib import Path
+
+    from nas.baselines import baselines
+    from nas.bench.learn import SPACE, _evaluated, _key
+    from nas.budget import parse_budget
+    from nas.space import load_space
+
+    arch = dict(baselines(load_space(SPACE), parse_budget("1M")))["unshared"]
+    full = load_schedule("full")
+    assert "blank_bias" not in full.model_dump() and full.blank_bias == 0.0
+    key = _key(arch, _evaluated(full, 3000, 100), "synth")
+    assert key == "406cf729" and (Path(__file__).parents[1] / f"results/bench-learn/unshared-full-{key}").is_dir()
+    biased = full.model_copy(update={"blank_bias": 3.7})
+    assert biased.model_dump()["blank_bias"] == 3.7 and run_key(arch, biased) != run_key(arch, full)
