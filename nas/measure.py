@@ -120,22 +120,27 @@ def accuracy_and_speed(export_dir: Path, models: dict[str, bytes], test: list[Ut
     audio_s = sum(seconds.values())
     out = {"utterances": len(ids), "skipped": skipped, "audio_s": round(audio_s, 1), "decoding": rec.decoding,
            "features_rtf": features_s / audio_s, "threads": 1, "accuracy": {}, "rtf": {}, "forward_s": {}, "decode_s": {},
-           "hyps": {}}
+           "decode_alone_s": {}, "hyps": {}}
     for dtype, model in models.items():
         sess = session(model, threads=1)
         sess.run(None, {"feats": feats[ids[0]][None], "lengths": np.array([len(feats[ids[0]])], np.int64)})  # warm-up
-        run_s, best, beam, decode_s = 0.0, {}, {}, 0.0
+        run_s, best, beam, decode_s, log_probs = 0.0, {}, {}, 0.0, {}
         for i in tqdm(ids, desc=f"test {dtype}", unit="utt", disable=not progress):
             x = feats[i]
             t0 = time.perf_counter()
             lp, n = sess.run(None, {"feats": x[None], "lengths": np.array([len(x)], np.int64)})
             run_s += time.perf_counter() - t0
-            lp = lp[0, : int(n[0])]
+            lp = log_probs[i] = lp[0, : int(n[0])]
             best[i] = rec.tokenizer.decode(greedy(lp, len(lp)))
             if rec.beam is not None:
                 t0 = time.perf_counter()
                 beam[i] = rec.beam(lp, len(lp))
                 decode_s += time.perf_counter() - t0
+        if rec.beam is not None:  # the same search again with no forward pass between: what interleaving costs
+            t0 = time.perf_counter()
+            for i in ids:
+                rec.beam(log_probs[i], len(log_probs[i]))
+            out["decode_alone_s"][dtype] = round(time.perf_counter() - t0, 4)
         r, acc = [refs[i] for i in ids], {}
         for name, hyps in (("greedy", best), ("beam", beam)):
             if hyps:
@@ -209,6 +214,7 @@ def measure_export(export_dir: Path, arch: ArchConfig, models: dict[str, bytes],
                    "thread (intra_op_num_threads=1), after one warm-up run; features and decoding not included",
         "forward_s": run["forward_s"],  # the session.run time that ``rtf`` is of
         "decode_s": run["decode_s"],  # the beam search's time on the same utterances, in the same loop
+        "decode_alone_s": run["decode_alone_s"],  # the same search again, in a loop of its own
         "activation_memory": memory,
         "file": {dt: file_bytes(model, arch, dt, params, buffers) for dt, model in models.items()},
         "robustness": {"conditions_from": source, "dtype": dtype, "table": robustness_table(

@@ -539,6 +539,9 @@ def test_the_deploy_benchmark_reads_its_figures_from_the_export(plain_lm_run, ti
         share = d["decode_s"][dt] / d["forward_s"][dt]
         assert figures[f"{name}.{dt}_decode_share"] == round(share, 3)
         assert figures[f"{name}.{dt}_decode_within_25pct"] == (share <= 0.25)
+        # and the same search in a loop of its own, over the same forward passes' time
+        assert d["decode_alone_s"][dt] > 0
+        assert figures[f"{name}.{dt}_decode_share_alone"] == round(d["decode_alone_s"][dt] / d["forward_s"][dt], 3)
 
 
 def test_export_flags_are_checked_by_the_command_line(capsys):
