@@ -421,8 +421,8 @@ def _bench(args) -> int:
                 "train": not args.no_train}
     if args.jobs > 1:  # the cores shared out among the jobs; alone, bench_fidelity's own default
         fidelity["threads"] = max(1, (os.cpu_count() or 2) // args.jobs)
-    bench.run(args.which, args.out, search, learn={"designs": designs}, fidelity=fidelity,
-              deploy={"runs": args.runs} if args.runs else None, decode={"runs": args.runs} if args.runs else None)
+    runs = {"runs": args.runs} if args.runs else None  # deploy's and decode's
+    bench.run(args.which, args.out, search, learn={"designs": designs}, fidelity=fidelity, deploy=runs, decode=runs)
     return 0
 
 

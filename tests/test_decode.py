@@ -1,8 +1,10 @@
 """Decoding: greedy, and beam search with the lexicon and word LM of the training transcripts."""
 
+import json
 import random
 import re
 
+import pytest
 import torch
 
 import nas.train
@@ -109,10 +111,6 @@ def test_the_tuner_keeps_the_fastest_pruning_that_costs_no_more_than_its_toleran
 
 
 def test_the_decode_benchmark_redecodes_a_run_as_its_trainer_did(tiny_corpus_dir, tmp_path):
-    import json
-
-    import pytest
-
     from nas.bench.decode import bench_decode
     from nas.errors import UserError
 
