@@ -97,25 +97,132 @@ class BeamSettings:
 
 
 class BeamDecoder:
-    """Lexicon-constrained beam search with the word LM of an LM directory."""
+    """Lexicon-constrained beam search with the word LM of an LM directory.
 
-    def __init__(self, lm_dir: Path, settings: BeamSettings = BeamSettings()):
-        from torchaudio.models.decoder import ctc_decoder
+    ``workers`` > 1 lets :meth:`decode` split a set's utterances among that many processes, each
+    with its own copy of the decoder, loaded when this one is made. Not threads: torchaudio's
+    binding holds the GIL for a whole search, so threads take turns (measured, 2026-12-06). The
+    trainer decodes with as many workers as it gives torch threads, so that the search has the
+    cores the forward passes had (:func:`nas.train.decode_workers`)."""
 
-        lm_dir = Path(lm_dir)
-        self.settings = settings
-        with quiet_stderr():  # KenLM prints its loading progress to the C stderr
-            self._decoder = ctc_decoder(
-                lexicon=str(lm_dir / "lexicon.txt"), tokens=str(lm_dir / "tokens.txt"), lm=str(lm_dir / "lm.arpa"),
-                nbest=1, beam_size=settings.beam, beam_size_token=settings.beam_tokens,
-                beam_threshold=settings.beam_threshold, lm_weight=settings.lm_weight, word_score=settings.word_score,
-                blank_token=BLANK_TOKEN, sil_token=SIL, unk_word="<unk>")
+    def __init__(self, lm_dir: Path, settings: BeamSettings = BeamSettings(), workers: int = 1):
+        self.lm_dir, self.settings, self.workers = Path(lm_dir), settings, max(1, workers)
+        self._decoder = None
+        if self.workers > 1:
+            _workers(self.workers).load(self.lm_dir, settings)
+        else:
+            self._decoder = _ctc_decoder(self.lm_dir, settings)
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        """Transcripts of ``log_probs`` ``(B, T, V)`` over their ``lengths`` frames."""
-        emissions = torch.cat([log_probs.float().cpu(), torch.full((*log_probs.shape[:2], 1), -1e4)], -1)
-        hyps = self._decoder(emissions.contiguous(), lengths.cpu().to(torch.int32))
-        return [" ".join(h[0].words) if h else "" for h in hyps]
+        """Transcripts of ``log_probs`` ``(B, T, V)`` over their ``lengths`` frames, in this process."""
+        if self._decoder is None:
+            self._decoder = _ctc_decoder(self.lm_dir, self.settings)
+        return _transcripts(self._decoder, log_probs, lengths)
+
+    def decode(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+        """Transcripts of every utterance of ``batches`` (``(log_probs, lengths)`` pairs), in order."""
+        if self.workers == 1:
+            return [h for lp, n in batches for h in self(lp, n)]
+        return _workers(self.workers).decode(self.lm_dir, self.settings, batches)
+
+
+def _ctc_decoder(lm_dir: Path, settings: BeamSettings):
+    from torchaudio.models.decoder import ctc_decoder
+
+    with quiet_stderr():  # KenLM prints its loading progress to the C stderr
+        return ctc_decoder(
+            lexicon=str(lm_dir / "lexicon.txt"), tokens=str(lm_dir / "tokens.txt"), lm=str(lm_dir / "lm.arpa"),
+            nbest=1, beam_size=settings.beam, beam_size_token=settings.beam_tokens,
+            beam_threshold=settings.beam_threshold, lm_weight=settings.lm_weight, word_score=settings.word_score,
+            blank_token=BLANK_TOKEN, sil_token=SIL, unk_word="<unk>")
+
+
+def _transcripts(decoder, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    emissions = torch.cat([log_probs.float().cpu(), torch.full((*log_probs.shape[:2], 1), -1e4)], -1)
+    hyps = decoder(emissions.contiguous(), lengths.cpu().to(torch.int32))
+    return [" ".join(h[0].words) if h else "" for h in hyps]
+
+
+class _Workers:
+    """``n`` decoding processes, kept for the life of this one (made once per count, by :func:`_workers`).
+
+    Each worker keeps the decoders it was last asked for, by LM directory, the LM files' stamps and
+    the settings. :meth:`load` makes every worker load one before anything is timed: each load waits
+    at a barrier for the other workers', so each of the ``n`` tasks runs in another worker.
+    Utterances go to the workers in turn (the i-th to worker i mod n): batches come sorted by length,
+    so each worker gets about the same frames."""
+
+    def __init__(self, n: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver, as corpus synthesis: this process has threads (torch's, a run's timing writer)
+        # by now, and a child forked from it could wait for ever on a lock one of them held.
+        context = multiprocessing.get_context("forkserver")
+        self.n, barrier = n, context.Barrier(n)
+        self._pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init, initargs=(barrier,))
+
+    def load(self, lm_dir: Path, settings: BeamSettings) -> None:
+        self._map(_worker_load, [(str(lm_dir), _stamp(lm_dir), settings)] * self.n)
+
+    def decode(self, lm_dir: Path, settings: BeamSettings, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+        utterances = [lp[i, :n].float().numpy() for lp, lens in batches for i, n in enumerate(lens.tolist())]
+        key = (str(lm_dir), _stamp(lm_dir), settings)
+        parts = self._map(_worker_decode, [(key, utterances[w::self.n]) for w in range(self.n)])
+        hyps = [""] * len(utterances)
+        for w, part in enumerate(parts):
+            hyps[w::self.n] = part
+        return hyps
+
+    def _map(self, fn, jobs: list) -> list:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return list(self._pool.map(fn, jobs))
+        except BrokenProcessPool:
+            del _POOLS[self.n]  # a worker died (killed, out of memory): the next call starts new ones
+            raise
+
+
+_POOLS: dict[int, _Workers] = {}
+_BARRIER = None  # in a worker: the barrier of its pool's loads
+_LOADED: dict = {}  # in a worker: its decoders, by (LM directory, stamps, settings)
+
+
+def _workers(n: int) -> _Workers:
+    if n not in _POOLS:
+        _POOLS[n] = _Workers(n)
+    return _POOLS[n]
+
+
+def _stamp(lm_dir: Path) -> tuple:
+    """The LM files' sizes and modification times: a directory rebuilt in place is loaded again."""
+    return tuple((s.st_size, s.st_mtime_ns) for s in (Path(lm_dir, f).stat() for f in LM_FILES[:3]))
+
+
+def _worker_init(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+    torch.set_num_threads(1)
+
+
+def _worker_decoder(key: tuple):
+    if key not in _LOADED:
+        _LOADED.clear()  # one LM directory and setting at a time: the tuner goes through them in turn
+        lm_dir, _, settings = key
+        _LOADED[key] = _ctc_decoder(Path(lm_dir), settings)
+    return _LOADED[key]
+
+
+def _worker_load(key: tuple) -> None:
+    _worker_decoder(key)
+    _BARRIER.wait(timeout=600)
+
+
+def _worker_decode(job: tuple) -> list[str]:
+    key, utterances = job
+    decoder = _worker_decoder(key)
+    return [h for u in utterances for h in _transcripts(decoder, torch.from_numpy(u)[None], torch.tensor([len(u)]))]
 
 
 # Pruning settings (beam, classes per frame, score threshold) the tuner tries once the LM weight and
@@ -133,16 +240,15 @@ PRUNING_TOLERANCE = 0.005  # of dev WER (absolute) that a faster pruning may giv
 
 def tune_decoder(lm_dir: Path, outputs: list[tuple[torch.Tensor, torch.Tensor]], refs: list[str],
                  lm_weights=(0.5, 1.0, 1.5, 2.0), word_scores=(-1.0, 0.0, 1.0, 2.0),
-                 pruning=PRUNING, tolerance: float = PRUNING_TOLERANCE) -> tuple[BeamSettings, float]:
+                 pruning=PRUNING, tolerance: float = PRUNING_TOLERANCE, workers: int = 1) -> tuple[BeamSettings, float]:
     """Beam search settings tuned on dev ``outputs`` (batches of ``(log_probs, lengths)``) against
     ``refs``: the LM weight and word score with the lowest WER under the first (widest) pruning,
     then the last (fastest) pruning whose WER is within ``tolerance`` of the best seen. Returns the
-    settings and their dev WER."""
+    settings and their dev WER. ``workers``: decoding processes (:class:`BeamDecoder`)."""
     import jiwer
 
     def dev_wer(settings: BeamSettings) -> float:
-        decoder = BeamDecoder(lm_dir, settings)
-        return jiwer.wer(refs, [h for lp, n in outputs for h in decoder(lp, n)])
+        return jiwer.wer(refs, BeamDecoder(lm_dir, settings, workers).decode(outputs))
 
     beam, tokens, threshold = pruning[0]
     widest = [BeamSettings(beam, tokens, threshold, w, s) for w in lm_weights for s in word_scores]

@@ -41,6 +41,7 @@ from nas.model import ConformerCTC
 log = logging.getLogger(__name__)
 TEST_TRANSCRIPTS = "test_transcripts.json"  # each test utterance's final hypothesis, by id (see score)
 MAX_NONFINITE = 20  # consecutive non-finite batches before a run is declared diverged
+MAX_DECODE_WORKERS = 8  # processes for the final beam search (decode_workers)
 
 
 class Diverged(UserError):
@@ -269,9 +270,9 @@ def score(outputs: Outputs, tokenizer: Tokenizer, decoder: BeamDecoder | None = 
               "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]}
     if decoder is not None:
         t0 = time.perf_counter()
-        beam = [h for lp, n in outputs.batches for h in decoder(lp, n)]
+        beam = decoder.decode(outputs.batches)
         result |= {"beam_wer": jiwer.wer(refs, beam), "beam_cer": jiwer.cer(refs, beam),
-                   "decode_s": round(time.perf_counter() - t0, 2)}
+                   "decode_s": round(time.perf_counter() - t0, 2), "decode_workers": decoder.workers}
         for example, h in zip(result["examples"], beam):
             example["beam"] = h
     if transcripts is not None:
@@ -296,13 +297,20 @@ def _beam_decoder(lm_dir: Path, train_texts: list[str], tokenizer: Tokenizer, sc
     t0 = time.perf_counter()
     build_lm(train_texts, tokenizer, lm_dir, schedule.lm_order)
     built = time.perf_counter() - t0
-    settings, dev_wer = tune_decoder(lm_dir, dev.batches, dev.refs)
+    workers = decode_workers()
+    settings, dev_wer = tune_decoder(lm_dir, dev.batches, dev.refs, workers=workers)
     record = {"beam": settings.beam, "beam_tokens": settings.beam_tokens, "beam_threshold": settings.beam_threshold,
               "lm_weight": settings.lm_weight,
               "word_score": settings.word_score, "tuned_on": f"dev ({dev.utterances} utterances)",
               "tuned_dev_wer": dev_wer, "lm": json.loads((lm_dir / "lm.json").read_text()),
               "lm_build_s": round(built, 1), "tune_s": round(time.perf_counter() - t0 - built, 1)}
-    return BeamDecoder(lm_dir, settings), record
+    return BeamDecoder(lm_dir, settings, workers), record
+
+
+def decode_workers() -> int:
+    """Processes for the final beam search: one per torch thread (the cores the forward passes
+    had), at most ``MAX_DECODE_WORKERS`` (each holds torch and the decoder: about 0.3 GB)."""
+    return max(1, min(torch.get_num_threads(), MAX_DECODE_WORKERS))
 
 
 def _param_groups(model: ConformerCTC, s: Schedule) -> list[dict]:

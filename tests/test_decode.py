@@ -89,6 +89,34 @@ def test_the_lm_and_lexicon_are_built_from_training_text_only(tiny_corpus_dir, t
     assert m["decoder"]["tuned_on"].startswith("dev") and m["decoder"]["lm"]["source"] == "training transcripts only"
     for split in ("dev", "test"):
         assert {"wer", "cer", "beam_wer", "beam_cer", "decode_s", "forward_s"} <= m[split].keys()
+        assert m[split]["decode_workers"] == nas.train.decode_workers()  # the cores the forward passes had
+
+
+def padded(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, T, V)`` log-probs as one batch padded with frames of the blank."""
+    T = max(lp.shape[1] for lp in batch)
+    out = torch.full((len(batch), T, batch[0].shape[2]), -8.0)
+    out[..., 0] = 0.0
+    for i, lp in enumerate(batch):
+        out[i, : lp.shape[1]] = lp[0]
+    return out, torch.tensor([lp.shape[1] for lp in batch])
+
+
+def test_worker_processes_decode_what_one_process_decodes(tiny_corpus_dir, tmp_path):
+    train_texts = texts(tiny_corpus_dir, "train")
+    tokenizer = Tokenizer.train(train_texts, 40, "char", tmp_path / "tok.model")
+    lm = build_lm(train_texts, tokenizer, tmp_path / "lm")
+    sentences = sorted(train_texts, key=len)[-9:]
+    spelled_out = [spelled(tokenizer, s, 0.12, seed=i) for i, s in enumerate(sentences)]
+    batches = [padded(spelled_out[i : i + 4]) for i in range(0, len(spelled_out), 4)]  # 4, 4 and 1 utterances
+    settings = BeamSettings(beam=50, lm_weight=2.0, word_score=0.0)
+    alone = BeamDecoder(lm, settings).decode(batches)
+    assert sum(h == s for h, s in zip(alone, sentences)) >= 7  # it spells them: the order below means something
+    assert BeamDecoder(lm, settings, workers=2).decode(batches) == alone
+    # The LM directory rebuilt in place, from other text: the workers load it again.
+    build_lm([t for t in train_texts if t not in sentences[:4]], tokenizer, lm)
+    rebuilt = BeamDecoder(lm, settings).decode(batches)
+    assert rebuilt != alone and BeamDecoder(lm, settings, workers=2).decode(batches) == rebuilt
 
 
 def test_the_tuner_keeps_the_fastest_pruning_that_costs_no_more_than_its_tolerance(tiny_corpus_dir, tmp_path):
@@ -121,7 +149,7 @@ def test_the_decode_benchmark_redecodes_a_run_as_its_trainer_did(tiny_corpus_dir
     m = train(arch, schedule, resolve_data(f"manifest:{tiny_corpus_dir}"), run, progress=False)
     assert 0 < m["test"]["beam_cer"] < 1, "the model must spell something, or reproducing its WER proves nothing"
     pruning = ((50, 10, 30.0), (2, 2, 5.0))
-    figures = bench_decode([run], pruning=pruning, threads=1, repeats=1)
+    figures = bench_decode([run], pruning=pruning, threads=2, repeats=1)
 
     d, rows = m["decoder"], figures["run.pruning"]
     own = (d["beam"], d["beam_tokens"], d["beam_threshold"])
@@ -133,8 +161,11 @@ def test_the_decode_benchmark_redecodes_a_run_as_its_trainer_did(tiny_corpus_dir
     assert figures["run.reproduces_metrics"] is True and figures["run.data"] == f"manifest:{tiny_corpus_dir}"
     assert (figures["run.lm_weight"], figures["run.word_score"]) == (d["lm_weight"], d["word_score"])
     for r in rows:
-        assert r["decode_share"] > 0
+        assert r["decode_share"] > 0 and r["decode_share_1_worker"] > 0
         assert r["meets_goals"] == (r["test_wer"] <= 0.15 and r["test_cer"] <= 0.06 and r["decode_share"] <= 0.25)
+    # two processes decode what one does, where the beam is wide enough that hypotheses rarely tie
+    # (flashlight orders tied hypotheses by their trie nodes' addresses, which differ between processes)
+    assert [r["workers_agree"] for r in rows if r["beam"] >= 16] == [True, True]
     # the test words a lexicon-constrained search can never spell: those of no training transcript
     train_words = {w for t in texts(tiny_corpus_dir, "train") for w in t.split()}
     words = [w for t in texts(tiny_corpus_dir, "test") for w in t.split()]

@@ -10,7 +10,9 @@ run directory that decoded with beam search, :func:`bench_decode` shows what tha
 - both are decoded under each pruning of ``pruning`` (and the run's own), at the run's tuned LM
   weight and word score: dev and test WER and CER, and on test the beam search's time over the
   forward passes' (the trainer's ``decode_s`` against ``forward_s``; each the fastest of ``repeats``
-  passes, since a decoding pass lasts a fraction of a second);
+  passes, since a decoding pass lasts a fraction of a second), with ``threads`` decoding processes
+  as the trainer decodes (``decode_share``, :func:`nas.train.decode_workers`) and in one process
+  (``decode_share_1_worker``);
 - the row of the run's own settings re-decodes what the trainer decoded: its test WER must equal
   the run's ``metrics.json`` (``reproduces_metrics``), or the rows describe another model or decoder;
 - the share of test words, and of their characters, that are not in the run's lexicon: a
@@ -37,7 +39,7 @@ from nas.decode import PRUNING, BeamDecoder, BeamSettings
 from nas.errors import UserError
 from nas.model import ConformerCTC
 from nas.schedule import load_schedule
-from nas.train import Outputs, forward
+from nas.train import Outputs, decode_workers, forward
 
 # (beam, classes per frame, score threshold), widest first: the tuner's three and two between them.
 SWEEP = (PRUNING[0], (24, 10, 25.0), (32, 7, 20.0), *PRUNING[1:])
@@ -53,13 +55,14 @@ def bench_decode(runs: list[str | Path] | None = None, pruning: tuple = SWEEP, t
         raise UserError("results/full-1m", "", "no trained run directory with an LM to decode (train one: nas train "
                         "search_spaces/designs/unshared-1m.json --schedule full --out results/full-1m)")
     torch.set_num_threads(threads)
-    figures: dict = {"threads": threads, "repeats": repeats}
+    workers = decode_workers()  # as the trainer's final evaluation decodes with these threads
+    figures: dict = {"threads": threads, "decode_workers": workers, "repeats": repeats}
     for run in runs:
-        figures |= {f"{run.name}.{k}": v for k, v in _run_figures(run, pruning, repeats).items()}
+        figures |= {f"{run.name}.{k}": v for k, v in _run_figures(run, pruning, repeats, workers).items()}
     return figures
 
 
-def _run_figures(run: Path, pruning: tuple, repeats: int) -> dict:
+def _run_figures(run: Path, pruning: tuple, repeats: int, workers: int) -> dict:
     metrics = _metrics(run)
     tuned = metrics["decoder"]
     arch, spec = arch_of(run), trained_on(run)
@@ -75,14 +78,20 @@ def _run_figures(run: Path, pruning: tuple, repeats: int) -> dict:
     own = (tuned["beam"], tuned["beam_tokens"], float(tuned["beam_threshold"]))
     rows = []
     for beam, tokens, threshold in dict.fromkeys([*pruning, own]):
-        decoder = BeamDecoder(run / "lm", BeamSettings(beam, tokens, threshold, tuned["lm_weight"], tuned["word_score"]))
+        settings = BeamSettings(beam, tokens, threshold, tuned["lm_weight"], tuned["word_score"])
+        decoder, alone = BeamDecoder(run / "lm", settings, workers), BeamDecoder(run / "lm", settings)
         row = {"beam": beam, "classes": tokens, "threshold": threshold, "tuned": (beam, tokens, threshold) == own}
         dev, _ = _decoded(decoder, outputs["dev"], 1)
         test, seconds = _decoded(decoder, outputs["test"], repeats)
+        test_alone, seconds_alone = _decoded(alone, outputs["test"], repeats)
         for split, hyps in (("dev", dev), ("test", test)):
             refs = outputs[split].refs
             row[f"{split}_wer"], row[f"{split}_cer"] = round(jiwer.wer(refs, hyps), 4), round(jiwer.cer(refs, hyps), 4)
         row["decode_share"] = round(seconds / forward_s, 3)
+        row["decode_share_1_worker"] = round(seconds_alone / forward_s, 3)
+        # The same hypotheses in one process as in several, unless two hypotheses tie: flashlight orders
+        # them by their lexicon trie nodes' addresses, which differ between processes (seen at beam 2).
+        row["workers_agree"] = test == test_alone
         row["meets_goals"] = row["test_wer"] <= WER_GOAL and row["test_cer"] <= CER_GOAL and row["decode_share"] <= DECODE_GOAL
         rows.append(row)
 
@@ -107,7 +116,7 @@ def _decoded(decoder: BeamDecoder, outputs: Outputs, repeats: int) -> tuple[list
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        hyps = [h for lp, n in outputs.batches for h in decoder(lp, n)]
+        hyps = decoder.decode(outputs.batches)
         best = min(best, time.perf_counter() - t0)
     return hyps, best
 
