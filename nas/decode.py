@@ -19,6 +19,7 @@ An LM directory holds:
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 from dataclasses import dataclass
@@ -191,8 +192,18 @@ _LOADED: dict = {}  # in a worker: its decoders, by (LM directory, stamps, setti
 
 def _workers(n: int) -> _Workers:
     if n not in _POOLS:
+        if not _POOLS:
+            atexit.register(_shutdown)
         _POOLS[n] = _Workers(n)
     return _POOLS[n]
+
+
+def _shutdown() -> None:
+    """Stop the workers while this process can still run Python: an executor left to the end of the
+    interpreter is collected after its modules are gone, and its callback prints a traceback."""
+    for workers in _POOLS.values():
+        workers._pool.shutdown(cancel_futures=True)
+    _POOLS.clear()
 
 
 def _stamp(lm_dir: Path) -> tuple:
@@ -234,6 +245,11 @@ def _worker_decode(job: tuple) -> list[str]:
 # point of WER (10 h and 30 h `full` runs), but on test it lets the beam die partway through some
 # utterances (one of 6 words decoded to none, one of 8 to 2): the 30 h run's test WER went from
 # 13.4% to 14.3% and CER from 5.9% to 6.9%.
+# Not (32, 7, 20), measured on 2026-12-06 (`nas bench decode`, `full` on 30 h, seeds 0-2, and 60 h):
+# its dev WER was the best of all (18.24% against the widest's 18.42%, 17.76 / 17.90, 18.68 / 18.82,
+# 17.79 / 17.83), and on test it gave 0.2 to 0.5 points less CER than (32, 5, 15), but it decodes in
+# 1.4-1.7x its time: 21-27% of the forward passes with two workers, at the 25% goal, where (32, 5,
+# 15) takes 15-20%. Seed 1 still missed the 6% CER goal with it (6.08%).
 PRUNING = ((32, 10, 25.0), (32, 5, 15.0), (16, 5, 15.0))
 PRUNING_TOLERANCE = 0.005  # of dev WER (absolute) that a faster pruning may give up
 

@@ -47,7 +47,7 @@ WER_GOAL, CER_GOAL = 0.15, 0.06  # the full schedule's test WER and CER
 
 
 def bench_decode(runs: list[str | Path] | None = None, pruning: tuple = SWEEP, threads: int = 2,
-                 repeats: int = 2) -> dict:
+                 repeats: int = 5) -> dict:
     """Figures of each run directory of ``runs`` (default: those of :func:`nas.bench.deploy.default_runs`
     that decoded with beam search), keyed ``<run name>.<figure>``; ``<run name>.pruning`` is a table."""
     runs = [Path(r) for r in runs] if runs else [r for r in default_runs() if (r / "lm").is_dir()]
