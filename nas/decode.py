@@ -22,6 +22,9 @@ from __future__ import annotations
 import atexit
 import io
 import json
+import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +164,8 @@ class _Workers:
         # by now, and a child forked from it could wait for ever on a lock one of them held.
         context = multiprocessing.get_context("forkserver")
         self.n, barrier = n, context.Barrier(n)
-        self._pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init, initargs=(barrier,))
+        self._pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init,
+                                         initargs=(barrier, os.getpid()))
 
     def load(self, lm_dir: Path, settings: BeamSettings) -> None:
         self._map(_worker_load, [(str(lm_dir), _stamp(lm_dir), settings)] * self.n)
@@ -193,14 +197,16 @@ _LOADED: dict = {}  # in a worker: its decoders, by (LM directory, stamps, setti
 def _workers(n: int) -> _Workers:
     if n not in _POOLS:
         if not _POOLS:
-            atexit.register(_shutdown)
+            atexit.register(stop_workers)
         _POOLS[n] = _Workers(n)
     return _POOLS[n]
 
 
-def _shutdown() -> None:
-    """Stop the workers while this process can still run Python: an executor left to the end of the
-    interpreter is collected after its modules are gone, and its callback prints a traceback."""
+def stop_workers() -> None:
+    """Stop the decoding processes (the next decoding with workers starts new ones). The trainer
+    calls it after its final evaluation, so that a long-lived process (a Ray worker) does not keep
+    them; it also runs at exit, while Python still can: an executor left to the interpreter's end is
+    collected after its modules are gone, and its callback prints a traceback."""
     for workers in _POOLS.values():
         workers._pool.shutdown(cancel_futures=True)
     _POOLS.clear()
@@ -211,10 +217,23 @@ def _stamp(lm_dir: Path) -> tuple:
     return tuple((s.st_size, s.st_mtime_ns) for s in (Path(lm_dir, f).stat() for f in LM_FILES[:3]))
 
 
-def _worker_init(barrier) -> None:
+def _worker_init(barrier, client: int) -> None:
     global _BARRIER
     _BARRIER = barrier
     torch.set_num_threads(1)
+    # When the process that started the workers is killed (Ray stops a trial with SIGKILL) nothing
+    # tells them: each would wait for a task for ever (the forkserver, their parent, lives as long as
+    # they do). So each leaves once that process is gone.
+    threading.Thread(target=_exit_with, args=(client,), daemon=True).start()
+
+
+def _exit_with(client: int) -> None:
+    while True:
+        try:
+            os.kill(client, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        time.sleep(1.0)
 
 
 def _worker_decoder(key: tuple):

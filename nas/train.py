@@ -32,7 +32,7 @@ from nas.config import ArchConfig
 from nas.data.corpus import Corpus
 from nas.data.features import FeatureConfig, FeatureSet, SpecAugment, bucket_batches, collate
 from nas.data.tokenizer import BLANK, Tokenizer
-from nas.decode import BeamDecoder, build_lm, greedy_decode, tune_decoder
+from nas.decode import BeamDecoder, build_lm, greedy_decode, stop_workers, tune_decoder
 from nas.errors import UserError
 from nas.files import atomic_path, atomic_write
 from nas.schedule import Schedule
@@ -193,15 +193,18 @@ def train(
     model = _weights(model, ema)  # what is evaluated and saved from here on
     dev = forward(model, dev_set, tokenizer, schedule.batch_frames, limit=eval_limit)
     decoder = None
-    if schedule.decode == "beam" and not stopped_early:
-        decoder, metrics["decoder"] = _beam_decoder(out / "lm", train_set.texts, tokenizer, schedule, dev)
-    metrics["dev"] = score(dev, tokenizer, decoder)
-    metrics["skipped"] = {"train": train_set.skipped, "dev": dev_set.skipped}
-    if evaluate_test and not stopped_early:
-        test_set = FeatureSet(corpus.test, corpus.feature_cache, features)
-        metrics["test"] = score(forward(model, test_set, tokenizer, schedule.batch_frames), tokenizer, decoder,
-                                transcripts=out / TEST_TRANSCRIPTS)
-        metrics["skipped"]["test"] = test_set.skipped
+    try:
+        if schedule.decode == "beam" and not stopped_early:
+            decoder, metrics["decoder"] = _beam_decoder(out / "lm", train_set.texts, tokenizer, schedule, dev)
+        metrics["dev"] = score(dev, tokenizer, decoder)
+        metrics["skipped"] = {"train": train_set.skipped, "dev": dev_set.skipped}
+        if evaluate_test and not stopped_early:
+            test_set = FeatureSet(corpus.test, corpus.feature_cache, features)
+            metrics["test"] = score(forward(model, test_set, tokenizer, schedule.batch_frames), tokenizer, decoder,
+                                    transcripts=out / TEST_TRANSCRIPTS)
+            metrics["skipped"]["test"] = test_set.skipped
+    finally:
+        stop_workers()  # the beam search's processes, if it had any
     model.save(out / "model.safetensors")
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -3,10 +3,15 @@
 import json
 import random
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import nas.decode
 import nas.train
 from nas.data.corpus import resolve_data
 from nas.data.manifest import read_manifest
@@ -90,6 +95,7 @@ def test_the_lm_and_lexicon_are_built_from_training_text_only(tiny_corpus_dir, t
     for split in ("dev", "test"):
         assert {"wer", "cer", "beam_wer", "beam_cer", "decode_s", "forward_s"} <= m[split].keys()
         assert m[split]["decode_workers"] == nas.train.decode_workers()  # the cores the forward passes had
+    assert not nas.decode._POOLS  # the trainer stopped its decoding processes once it had decoded
 
 
 def padded(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,3 +183,33 @@ def test_the_decode_benchmark_redecodes_a_run_as_its_trainer_did(tiny_corpus_dir
     (run / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "decoder"}))
     with pytest.raises(UserError, match=r"metrics.json: decoder: the run did not decode with beam search"):
         bench_decode([run])
+
+
+def test_decoding_workers_leave_when_the_process_that_started_them_is_killed(tiny_corpus_dir, tmp_path):
+    """A Ray trial is stopped with SIGKILL: its decoding processes must not wait for tasks for ever."""
+    train_texts = texts(tiny_corpus_dir, "train")
+    lm = build_lm(train_texts, Tokenizer.train(train_texts, 40, "char", tmp_path / "tok.model"), tmp_path / "lm")
+    script = ("import sys, time\nfrom nas.decode import BeamDecoder, _POOLS\n"
+              "if __name__ == '__main__':\n"
+              f"    BeamDecoder({str(lm)!r}, workers=2)\n"
+              "    print(*_POOLS[2]._pool._processes, flush=True)\n"
+              "    time.sleep(120)\n")
+    (tmp_path / "start.py").write_text(script)
+    child = subprocess.Popen([sys.executable, str(tmp_path / "start.py")], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in child.stdout.readline().split()]
+    assert len(workers) == 2
+    child.kill()
+    child.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
