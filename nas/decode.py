@@ -104,7 +104,8 @@ class BeamDecoder:
     """Lexicon-constrained beam search with the word LM of an LM directory.
 
     ``workers`` > 1 lets :meth:`decode` split a set's utterances among that many processes, each
-    with its own copy of the decoder, loaded when this one is made. Not threads: torchaudio's
+    with its own copy of the decoder, loaded when this one is made (and again before a decoding if
+    the workers were stopped, or loaded another decoder, since). Not threads: torchaudio's
     binding holds the GIL for a whole search, so threads take turns (measured, 2026-12-06). The
     trainer decodes with as many workers as it gives torch threads, so that the search has the
     cores the forward passes had (:func:`nas.train.decode_workers`)."""
@@ -150,11 +151,12 @@ def _transcripts(decoder, log_probs: torch.Tensor, lengths: torch.Tensor) -> lis
 class _Workers:
     """``n`` decoding processes, kept for the life of this one (made once per count, by :func:`_workers`).
 
-    Each worker keeps the decoders it was last asked for, by LM directory, the LM files' stamps and
-    the settings. :meth:`load` makes every worker load one before anything is timed: each load waits
-    at a barrier for the other workers', so each of the ``n`` tasks runs in another worker.
-    Utterances go to the workers in turn (the i-th to worker i mod n): batches come sorted by length,
-    so each worker gets about the same frames."""
+    Each worker keeps the decoder it was last asked for, by LM directory, the LM files' stamps and
+    the settings. :meth:`load` makes every worker load it before anything is timed: each load waits
+    at a barrier for the other workers', so each of the ``n`` tasks runs in another worker; a
+    :meth:`decode` of another decoder loads it first. Utterances go to the workers in turn (the i-th
+    to worker i mod n): batches come sorted by length, so each worker gets about the same frames.
+    A pool whose worker died or failed to load is dropped; the next call starts another."""
 
     def __init__(self, n: int):
         import multiprocessing
@@ -166,13 +168,18 @@ class _Workers:
         self.n, barrier = n, context.Barrier(n)
         self._pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init,
                                          initargs=(barrier, os.getpid()))
+        self._loaded: tuple | None = None
 
     def load(self, lm_dir: Path, settings: BeamSettings) -> None:
-        self._map(_worker_load, [(str(lm_dir), _stamp(lm_dir), settings)] * self.n)
+        key = _key(lm_dir, settings)
+        self._map(_worker_load, [key] * self.n)
+        self._loaded = key
 
     def decode(self, lm_dir: Path, settings: BeamSettings, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+        key = _key(lm_dir, settings)
+        if key != self._loaded:  # another decoder, or the same one rebuilt: every worker loads it first
+            self.load(lm_dir, settings)
         utterances = [lp[i, :n].float().numpy() for lp, lens in batches for i, n in enumerate(lens.tolist())]
-        key = (str(lm_dir), _stamp(lm_dir), settings)
         parts = self._map(_worker_decode, [(key, utterances[w::self.n]) for w in range(self.n)])
         hyps = [""] * len(utterances)
         for w, part in enumerate(parts):
@@ -180,12 +187,13 @@ class _Workers:
         return hyps
 
     def _map(self, fn, jobs: list) -> list:
-        from concurrent.futures.process import BrokenProcessPool
-
         try:
             return list(self._pool.map(fn, jobs))
-        except BrokenProcessPool:
-            del _POOLS[self.n]  # a worker died (killed, out of memory): the next call starts new ones
+        except BaseException:
+            # A worker died (killed, out of memory), or failed to load and broke the load barrier for
+            # all: this pool is done, and the next call starts another.
+            _POOLS.pop(self.n, None)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
@@ -195,11 +203,21 @@ _LOADED: dict = {}  # in a worker: its decoders, by (LM directory, stamps, setti
 
 
 def _workers(n: int) -> _Workers:
+    global _AT_EXIT
     if n not in _POOLS:
-        if not _POOLS:
-            atexit.register(stop_workers)
+        if not _AT_EXIT:
+            _AT_EXIT = bool(atexit.register(stop_workers))
         _POOLS[n] = _Workers(n)
     return _POOLS[n]
+
+
+_AT_EXIT = False  # whether stop_workers runs at exit
+
+
+def _key(lm_dir: Path, settings: BeamSettings) -> tuple:
+    """What a worker's decoder is kept by: the LM directory (absolute: workers keep the working
+    directory they started in), its files' stamps and the settings."""
+    return str(Path(lm_dir).resolve()), _stamp(lm_dir), settings
 
 
 def stop_workers() -> None:
@@ -231,7 +249,7 @@ def _exit_with(client: int) -> None:
     while True:
         try:
             os.kill(client, 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # gone (or its number now another user's process)
             os._exit(0)
         time.sleep(1.0)
 
@@ -245,7 +263,11 @@ def _worker_decoder(key: tuple):
 
 
 def _worker_load(key: tuple) -> None:
-    _worker_decoder(key)
+    try:
+        _worker_decoder(key)
+    except BaseException:
+        _BARRIER.abort()  # the other workers stop waiting for this one
+        raise
     _BARRIER.wait(timeout=600)
 
 
@@ -267,8 +289,9 @@ def _worker_decode(job: tuple) -> list[str]:
 # Not (32, 7, 20), measured on 2026-12-06 (`nas bench decode`, `full` on 30 h, seeds 0-2, and 60 h):
 # its dev WER was the best of all (18.24% against the widest's 18.42%, 17.76 / 17.90, 18.68 / 18.82,
 # 17.79 / 17.83), and on test it gave 0.2 to 0.5 points less CER than (32, 5, 15), but it decodes in
-# 1.4-1.7x its time: 21-27% of the forward passes with two workers, at the 25% goal, where (32, 5,
-# 15) takes 15-20%. Seed 1 still missed the 6% CER goal with it (6.08%).
+# 1.4-1.6x its time: 22-26% of the forward passes with two workers (results/bench.md; 19-27% over
+# three runs of the benchmark), at the 25% goal, where (32, 5, 15) takes 15-18%. Seed 1 still missed
+# the 6% CER goal with it (6.08%).
 PRUNING = ((32, 10, 25.0), (32, 5, 15.0), (16, 5, 15.0))
 PRUNING_TOLERANCE = 0.005  # of dev WER (absolute) that a faster pruning may give up
 
