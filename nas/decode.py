@@ -149,7 +149,7 @@ def _transcripts(decoder, log_probs: torch.Tensor, lengths: torch.Tensor) -> lis
 
 
 class _Workers:
-    """``n`` decoding processes, kept for the life of this one (made once per count, by :func:`_workers`).
+    """``n`` decoding processes, made once per count (:func:`_workers`) and kept until :func:`stop_workers`.
 
     Each worker keeps the decoder it was last asked for, by LM directory, the LM files' stamps and
     the settings. :meth:`load` makes every worker load it before anything is timed: each load waits
@@ -175,7 +175,8 @@ class _Workers:
         self._map(_worker_load, [key] * self.n)
         self._loaded = key
 
-    def decode(self, lm_dir: Path, settings: BeamSettings, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    def decode(self, lm_dir: Path, settings: BeamSettings,
+               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
         key = _key(lm_dir, settings)
         if key != self._loaded:  # another decoder, or the same one rebuilt: every worker loads it first
             self.load(lm_dir, settings)
