@@ -20,6 +20,7 @@ An LM directory holds:
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import json
 import os
@@ -200,19 +201,12 @@ class _Workers:
 
 _POOLS: dict[int, _Workers] = {}
 _BARRIER = None  # in a worker: the barrier of its pool's loads
-_LOADED: dict = {}  # in a worker: its decoders, by (LM directory, stamps, settings)
 
 
 def _workers(n: int) -> _Workers:
-    global _AT_EXIT
     if n not in _POOLS:
-        if not _AT_EXIT:
-            _AT_EXIT = bool(atexit.register(stop_workers))
         _POOLS[n] = _Workers(n)
     return _POOLS[n]
-
-
-_AT_EXIT = False  # whether stop_workers runs at exit
 
 
 def _key(lm_dir: Path, settings: BeamSettings) -> tuple:
@@ -229,6 +223,9 @@ def stop_workers() -> None:
     for workers in _POOLS.values():
         workers._pool.shutdown(cancel_futures=True)
     _POOLS.clear()
+
+
+atexit.register(stop_workers)
 
 
 def _stamp(lm_dir: Path) -> tuple:
@@ -255,12 +252,10 @@ def _exit_with(client: int) -> None:
         time.sleep(1.0)
 
 
+@functools.lru_cache(maxsize=1)  # one decoder at a time: the tuner goes through its settings in turn
 def _worker_decoder(key: tuple):
-    if key not in _LOADED:
-        _LOADED.clear()  # one LM directory and setting at a time: the tuner goes through them in turn
-        lm_dir, _, settings = key
-        _LOADED[key] = _ctc_decoder(Path(lm_dir), settings)
-    return _LOADED[key]
+    lm_dir, _, settings = key
+    return _ctc_decoder(Path(lm_dir), settings)
 
 
 def _worker_load(key: tuple) -> None:
