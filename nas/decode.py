@@ -286,7 +286,7 @@ def _worker_decode(job: tuple) -> list[str]:
 # its dev WER was the best of all (18.24% against the widest's 18.42%, 17.76 / 17.90, 18.68 / 18.82,
 # 17.79 / 17.83), and on test it gave 0.2 to 0.5 points less CER than (32, 5, 15), but it decodes in
 # 1.4-1.6x its time: 22-26% of the forward passes with two workers (results/bench.md; 19-27% over
-# three runs of the benchmark), at the 25% goal, where (32, 5, 15) takes 15-18%. Seed 1 still missed
+# four runs of the benchmark), at the 25% goal, where (32, 5, 15) takes 15-18%. Seed 1 still missed
 # the 6% CER goal with it (6.08%).
 PRUNING = ((32, 10, 25.0), (32, 5, 15.0), (16, 5, 15.0))
 PRUNING_TOLERANCE = 0.005  # of dev WER (absolute) that a faster pruning may give up
