@@ -42,6 +42,9 @@ class Schedule(Frozen):
     initial output matrix of every residual branch against ``nn.Linear``'s (:mod:`nas.model.build`);
     ``blank_bias`` is added to the output layer's initial blank bias (CTC emits blank on most
     frames: starting nearer there shortens the first plateau, where the model emits nothing).
+    With ``inter_ctc`` at a weight ``w > 0`` the loss is ``(1 - w)`` times the CTC loss plus ``w``
+    times the CTC loss of the middle virtual layer's output through the same head (InterCTC, Lee
+    and Watanabe 2021: no parameter is added, and the exported model is the same).
     A tensor that serves ``k`` places of the encoder (shared by layers, or tied) learns at the
     learning rate divided by ``k ** shared_lr_exponent`` (:func:`nas.train._param_groups`).
     ``eval_every`` steps the dev set (its first ``eval_utterances``)
@@ -69,6 +72,7 @@ class Schedule(Frozen):
     ema: float = Field(0.0, ge=0, lt=1)
     branch_init_gain: float = Field(0.1, gt=0, le=1)
     blank_bias: float = Field(0.0, ge=0)
+    inter_ctc: float = Field(0.0, ge=0, lt=1)
     shared_lr_exponent: float = Field(1.0, ge=0, le=1)
     eval_every: int = Field(gt=0)
     eval_utterances: int | None = Field(None, gt=0)
@@ -78,7 +82,7 @@ class Schedule(Frozen):
     seed: int = 0
     data: str | None = Field(None, exclude=True)
     # not serialized at their default, so every run trained before they came keeps its key
-    _added_later: ClassVar[tuple[str, ...]] = ("blank_bias",)
+    _added_later: ClassVar[tuple[str, ...]] = ("blank_bias", "inter_ctc")
 
     @field_validator("data")
     @classmethod

@@ -141,9 +141,11 @@ def train(
         late = state["step"] >= schedule.specaugment_from  # SpecAugment only once the model has learned a little
         batch = collate(train_set, batches.pop(), tokenizer, augment if late else None, gen).to(device)
         model.train()
-        log_probs, out_lens = model(batch.feats, batch.feat_lens)
-        loss = F.ctc_loss(log_probs.transpose(0, 1), batch.targets, out_lens, batch.target_lens,
-                          blank=BLANK, zero_infinity=True)
+        tap = inter_layer(arch) if schedule.inter_ctc else None
+        x, out_lens, mid = model.encode(batch.feats, batch.feat_lens, tap=tap)
+        loss = _ctc(model.log_probs(x), out_lens, batch)
+        if mid is not None:  # InterCTC: the middle layer's output through the same head
+            loss = (1 - schedule.inter_ctc) * loss + schedule.inter_ctc * _ctc(model.log_probs(mid), out_lens, batch)
         opt.zero_grad(set_to_none=True)
         ok = torch.isfinite(loss)
         if ok:
@@ -314,6 +316,16 @@ def decode_workers() -> int:
     """Processes for the final beam search: one per torch thread (the cores the forward passes
     had), at most ``MAX_DECODE_WORKERS`` (each holds torch and the decoder: about 0.3 GB)."""
     return max(1, min(torch.get_num_threads(), MAX_DECODE_WORKERS))
+
+
+def inter_layer(arch: ArchConfig) -> int:
+    """The virtual layer whose output InterCTC decodes (``Schedule.inter_ctc``): the middle one."""
+    return max(1, arch.encoder.n_layers // 2)
+
+
+def _ctc(log_probs: torch.Tensor, lengths: torch.Tensor, batch) -> torch.Tensor:
+    return F.ctc_loss(log_probs.transpose(0, 1), batch.targets, lengths, batch.target_lens, blank=BLANK,
+                      zero_infinity=True)
 
 
 def _param_groups(model: ConformerCTC, s: Schedule) -> list[dict]:

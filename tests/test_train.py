@@ -331,3 +331,42 @@ def test_the_blank_bias_raises_the_blank_at_initialization_and_nothing_else(tiny
             assert torch.equal(plain[name], biased[name]), name  # the same draws: only the bias moved
     shift = biased["head.bias"] - plain["head.bias"]
     assert shift[BLANK].item() == pytest.approx(3.7) and not shift[BLANK + 1:].any()
+
+
+def test_inter_ctc_mixes_in_the_ctc_loss_of_the_middle_layers_output_through_the_same_head(tiny_corpus_dir, tiny_arch,
+                                                                                           tmp_path, monkeypatch):
+    """With ``inter_ctc: w`` a step's loss is ``(1 - w)`` times the CTC loss of the model's output
+    plus ``w`` times that of the middle virtual layer's output through the same head (InterCTC).
+    The first step's training loss is that mix, and its second term is what the initial model's
+    first ``n_layers // 2`` layers and its head give on the step's batch, computed here by hand."""
+    import torch.nn.functional as F
+
+    from nas.data.tokenizer import BLANK
+    from nas.train import initial_model, inter_layer
+
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    real, terms = nas.train._ctc, []
+
+    def spy(log_probs, lengths, batch):
+        loss = real(log_probs, lengths, batch)
+        terms.append((float(loss), batch))
+        return loss
+
+    monkeypatch.setattr(nas.train, "_ctc", spy)
+    s = schedule(steps=1, eval_every=1, inter_ctc=0.25)
+    m = train(tiny_arch, s, corpus, tmp_path, progress=False, evaluate_test=False)
+    (final, batch), (middle, _) = terms  # one step: two CTC terms, the output's first
+    assert m["curve"][0]["train_loss"] == pytest.approx(0.75 * final + 0.25 * middle, rel=1e-6)
+
+    k = inter_layer(tiny_arch)
+    assert k == tiny_arch.encoder.n_layers // 2 >= 1
+    torch.manual_seed(s.seed)  # the trainer's initial model: the same draws
+    model = initial_model(tiny_arch, s).train()
+    with torch.no_grad():
+        x, lens = model.frontend(batch.feats, batch.feat_lens)
+        mask = torch.arange(x.shape[1])[None, :] >= lens[:, None]
+        for layer in model.layers[:k]:
+            x = layer(x, mask)
+        by_hand = F.ctc_loss(model.head(x).log_softmax(-1).transpose(0, 1), batch.targets, lens, batch.target_lens,
+                             blank=BLANK, zero_infinity=True)
+    assert middle == pytest.approx(float(by_hand), rel=1e-5) and middle != pytest.approx(final, rel=1e-3)

@@ -44,9 +44,9 @@ def test_the_run_key_changes_with_the_design_or_the_schedule():
 
 
 def test_a_schedule_field_added_later_keeps_the_run_keys_of_before():
-    """``blank_bias`` came after runs were committed: at its default it is no part of the
-    schedule's serialization, so `full`'s benchmark runs are found under the keys they were
-    trained under (their directories' names); set, it is another run."""
+    """``blank_bias`` and ``inter_ctc`` came after runs were committed: at its default each is no
+    part of the schedule's serialization, so `full`'s benchmark runs are found under the keys they
+    were trained under (their directories' names); set, it is another run."""
     from pathlib import Path
 
     from nas.baselines import baselines
@@ -56,8 +56,9 @@ def test_a_schedule_field_added_later_keeps_the_run_keys_of_before():
 
     arch = dict(baselines(load_space(SPACE), parse_budget("1M")))["unshared"]
     full = load_schedule("full")
-    assert "blank_bias" not in full.model_dump() and full.blank_bias == 0.0
+    assert not {"blank_bias", "inter_ctc"} & full.model_dump().keys() and full.blank_bias == full.inter_ctc == 0.0
     key = _key(arch, _evaluated(full, 3000, 100), "synth")
     assert key == "406cf729" and (Path(__file__).parents[1] / f"results/bench-learn/unshared-full-{key}").is_dir()
-    biased = full.model_copy(update={"blank_bias": 3.7})
-    assert biased.model_dump()["blank_bias"] == 3.7 and run_key(arch, biased) != run_key(arch, full)
+    for field, value in (("blank_bias", 3.7), ("inter_ctc", 0.3)):
+        changed = full.model_copy(update={field: value})
+        assert changed.model_dump()[field] == value and run_key(arch, changed) != run_key(arch, full)

@@ -135,18 +135,26 @@ class ConformerCTC(nn.Module):
         )
         return ConformerLayer(ffn("ffn1"), attn, conv, ffn("ffn2"), s.get("final_norm", l), p)
 
-    def encode(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """Encoder output ``(B, T', d)`` and lengths."""
+    def encode(self, feats: Tensor, lengths: Tensor, tap: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Encoder output ``(B, T', d)``, lengths, and the output of virtual layer ``tap`` (counted
+        from 1; None when no layer is tapped)."""
         x, lengths = self.frontend(feats, lengths)
         x = self.dropout(x)
         mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
-        for layer in self.layers:
+        tapped = None
+        for i, layer in enumerate(self.layers, start=1):
             x = layer(x, mask)
-        return x, lengths
+            if i == tap:
+                tapped = x
+        return x, lengths, tapped
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        """The CTC head's log-probabilities ``(B, T', vocab)`` of encoder states ``(B, T', d)``."""
+        return self.head(x).log_softmax(-1)
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        x, lengths = self.encode(feats, lengths)
-        return self.head(x).log_softmax(-1), lengths
+        x, lengths, _ = self.encode(feats, lengths)
+        return self.log_probs(x), lengths
 
     def uses(self) -> dict[nn.Parameter, int]:
         """How many places of the encoder use each of its parameters: the virtual layers that
