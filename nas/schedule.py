@@ -44,7 +44,8 @@ class Schedule(Frozen):
     frames: starting nearer there shortens the first plateau, where the model emits nothing).
     With ``inter_ctc`` at a weight ``w > 0`` the loss is ``(1 - w)`` times the CTC loss plus ``w``
     times the CTC loss of the middle virtual layer's output through the same head (InterCTC, Lee
-    and Watanabe 2021: no parameter is added, and the exported model is the same).
+    and Watanabe 2021: no parameter is added, and the exported model is the same); a run's
+    ``train_loss`` is then that mix.
     A tensor that serves ``k`` places of the encoder (shared by layers, or tied) learns at the
     learning rate divided by ``k ** shared_lr_exponent`` (:func:`nas.train._param_groups`).
     ``eval_every`` steps the dev set (its first ``eval_utterances``)

@@ -42,8 +42,8 @@ RECIPES = (("full-v1", "synth:3"), ("full", "synth"))
 # takes fewer steps: 500 against 550), a shorter moving average, the residual branches' initial
 # scale, a higher peak after a longer warm-up. (`ema: 0.99` is not among them: the average's warmed-
 # up decay, (1 + n) / (10 + n), stays below 0.99 until step 890, so its first 550 steps are `full`'s
-# own.) Last, the output layer's blank bias raised by 3.7 (blank about 40% of each frame at the
-# start, as trained models emit it), alone and with clipping at 1.0. Last, InterCTC (the middle
+# own.) Then the output layer's blank bias raised by 3.7 (blank about 40% of each frame at the
+# start, as trained models emit it), alone and with clipping at 1.0; last, InterCTC (the middle
 # layer's CTC loss mixed in at 0.3, ESPnet's usual weight; no parameter added).
 LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "peak_lr": 6e-3},
           {"sort_first_steps": 400}, {"ema": 0.0}, {"tokenizer": "unigram"},
