@@ -349,7 +349,7 @@ def test_inter_ctc_mixes_in_the_ctc_loss_of_the_middle_layers_output_through_the
 
     def spy(log_probs, lengths, batch):
         loss = real(log_probs, lengths, batch)
-        terms.append((float(loss), batch))
+        terms.append((loss.item(), batch))
         return loss
 
     monkeypatch.setattr(nas.train, "_ctc", spy)
