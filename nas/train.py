@@ -119,6 +119,7 @@ def train(
     if "augment_rng" in state:
         gen.set_state(state.pop("augment_rng"))
     eval_limit = schedule.eval_utterances
+    tap = inter_layer(arch) if schedule.inter_ctc else None  # the layer InterCTC decodes, if it is on
     stopped_early, streak, loss_sum, loss_n = False, 0, 0.0, 0
     if callback is not None and state["curve"] and state["step"] < schedule.steps:
         # A resumed run reports its checkpoint's last evaluation again: the process may have died
@@ -141,7 +142,6 @@ def train(
         late = state["step"] >= schedule.specaugment_from  # SpecAugment only once the model has learned a little
         batch = collate(train_set, batches.pop(), tokenizer, augment if late else None, gen).to(device)
         model.train()
-        tap = inter_layer(arch) if schedule.inter_ctc else None
         x, out_lens, mid = model.encode(batch.feats, batch.feat_lens, tap=tap)
         loss = _ctc(model.log_probs(x), out_lens, batch)
         if mid is not None:  # InterCTC: the middle layer's output through the same head
