@@ -45,7 +45,9 @@ class Schedule(Frozen):
     With ``inter_ctc`` at a weight ``w > 0`` the loss is ``(1 - w)`` times the CTC loss plus ``w``
     times the CTC loss of the middle virtual layer's output through the same head (InterCTC, Lee
     and Watanabe 2021: no parameter is added, and the exported model is the same); a run's
-    ``train_loss`` is then that mix.
+    ``train_loss`` is then that mix. With ``muon_lr > 0`` the encoder's linear maps learn with Muon
+    at that peak rate (scaled to AdamW's update size), the other tensors with AdamW at ``peak_lr``
+    (:mod:`nas.optim`).
     A tensor that serves ``k`` places of the encoder (shared by layers, or tied) learns at the
     learning rate divided by ``k ** shared_lr_exponent`` (:func:`nas.train._param_groups`).
     ``eval_every`` steps the dev set (its first ``eval_utterances``)
@@ -74,6 +76,7 @@ class Schedule(Frozen):
     branch_init_gain: float = Field(0.1, gt=0, le=1)
     blank_bias: float = Field(0.0, ge=0)
     inter_ctc: float = Field(0.0, ge=0, lt=1)
+    muon_lr: float = Field(0.0, ge=0)
     shared_lr_exponent: float = Field(1.0, ge=0, le=1)
     eval_every: int = Field(gt=0)
     eval_utterances: int | None = Field(None, gt=0)
@@ -83,7 +86,7 @@ class Schedule(Frozen):
     seed: int = 0
     data: str | None = Field(None, exclude=True)
     # not serialized at their default, so every run trained before they came keeps its key
-    _added_later: ClassVar[tuple[str, ...]] = ("blank_bias", "inter_ctc")
+    _added_later: ClassVar[tuple[str, ...]] = ("blank_bias", "inter_ctc", "muon_lr")
 
     @field_validator("data")
     @classmethod

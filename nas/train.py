@@ -37,6 +37,7 @@ from nas.errors import UserError
 from nas.files import atomic_path, atomic_write
 from nas.schedule import Schedule
 from nas.model import ConformerCTC
+from nas.optim import optimizer
 
 log = logging.getLogger(__name__)
 TEST_TRANSCRIPTS = "test_transcripts.json"  # each test utterance's final hypothesis, by id (see score)
@@ -92,8 +93,7 @@ def train(
     tokenizer = _tokenizer(out, train_set.texts, arch.vocab_size, schedule.tokenizer)
 
     model = initial_model(arch, schedule).to(device)
-    opt = torch.optim.AdamW(_param_groups(model, schedule), lr=schedule.peak_lr,
-                            fused=True)  # one kernel for all parameters: a step's optimizer time / 5 on the CPU
+    opt = optimizer(model, _param_groups(model, schedule), schedule.peak_lr, schedule.muon_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, schedule))
     state = {"step": 0, "curve": [], "nonfinite": 0, "train_seconds": 0.0, "step_seconds": 0.0, "audio_seconds": 0.0,
              "loss_total": 0.0, "loss_count": 0}

@@ -44,9 +44,9 @@ def test_the_run_key_changes_with_the_design_or_the_schedule():
 
 
 def test_a_schedule_field_added_later_keeps_the_run_keys_of_before():
-    """``blank_bias`` and ``inter_ctc`` came after runs were committed: at its default each is no
-    part of the schedule's serialization, so `full`'s benchmark runs are found under the keys they
-    were trained under (their directories' names); set, it is another run."""
+    """``blank_bias``, ``inter_ctc`` and ``muon_lr`` came after runs were committed: at its default
+    each is no part of the schedule's serialization, so `full`'s benchmark runs are found under the
+    keys they were trained under (their directories' names); set, it is another run."""
     from pathlib import Path
 
     from nas.baselines import baselines
@@ -56,9 +56,10 @@ def test_a_schedule_field_added_later_keeps_the_run_keys_of_before():
 
     arch = dict(baselines(load_space(SPACE), parse_budget("1M")))["unshared"]
     full = load_schedule("full")
-    assert not {"blank_bias", "inter_ctc"} & full.model_dump().keys() and full.blank_bias == full.inter_ctc == 0.0
+    later = {"blank_bias", "inter_ctc", "muon_lr"}
+    assert not later & full.model_dump().keys() and full.blank_bias == full.inter_ctc == full.muon_lr == 0.0
     key = _key(arch, _evaluated(full, 3000, 100), "synth")
     assert key == "406cf729" and (Path(__file__).parents[1] / f"results/bench-learn/unshared-full-{key}").is_dir()
-    for field, value in (("blank_bias", 3.7), ("inter_ctc", 0.3)):
+    for field, value in (("blank_bias", 3.7), ("inter_ctc", 0.3), ("muon_lr", 8e-3)):
         changed = full.model_copy(update={field: value})
         assert changed.model_dump()[field] == value and run_key(arch, changed) != run_key(arch, full)

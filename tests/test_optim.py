@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from nas.config import ArchConfig
+from nas.data.corpus import resolve_data
+from nas.model import ConformerCTC
+from nas.optim import MuonAdamW, matrices, optimizer
+from nas.schedule import load_schedule
+from nas.train import _lr_factor, _param_groups, train
+
+SHARED = {  # 4 virtual layers on 2 blocks, one conv for all, tied halves, a shared low-rank factor
+    "encoder": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "conv_kernel": 5, "n_layers": 4},
+    "sharing": {"blocks": {"pattern": "cycle", "n": 2},
+                "modules": {"conv": {"pattern": "cycle", "n": 1}},
+                "ties": {"ffn_macaron": True, "attn_qk": True},
+                "low_rank": {"ffn_in": {"rank": 8, "share": "U"}}},
+}
+
+
+def shared_model() -> ConformerCTC:
+    torch.manual_seed(0)
+    return ConformerCTC(ArchConfig.from_dict(SHARED))
+
+
+def test_muon_takes_the_encoders_linear_maps_each_stored_tensor_once():
+    model = shared_model()
+    found = matrices(model)
+    first, second = model.layers[0], model.layers[1]
+    want = [first.attn.q.weight, first.attn.v.weight, first.attn.out.weight, first.ffn1.inner.U,
+            first.ffn1.inner.V, first.ffn1.outer.weight, first.conv.pw1.weight, first.conv.pw2.weight,
+            second.attn.q.weight, second.ffn1.inner.V]
+    ids = {id(p) for p in found}
+    assert len(ids) == len(found) and all(id(p) in ids for p in want)
+    # 2 blocks x (q = k, v, out, ffn V, ffn out: the macaron halves tied) + 1 shared U + 1 conv's pw1, pw2
+    assert len(found) == 2 * 5 + 1 + 2
+    left_out = [model.head.weight, model.frontend.proj.weight, first.conv.dw_weight, first.attn.norm.weight,
+                first.ffn1.inner.bias, model.head.bias]
+    assert not any(id(p) in ids for p in left_out)
+
+
+def test_a_muon_step_is_orthogonal_on_the_matrices_and_adamws_elsewhere():
+    """Muon's first step on a matrix is its gradient's nearest orthogonal matrix (all singular values
+    about equal, where the gradient's spread tenfold), scaled to AdamW's size (0.2 sqrt(max(rows, cols)) times the rate); AdamW's first
+    step moves every entry by the rate (its sign is the gradient's)."""
+    model = shared_model()
+    s = load_schedule("tiny").model_copy(update={"peak_lr": 1e-3, "weight_decay": 0.0, "muon_lr": 2e-3})
+    opt = optimizer(model, _param_groups(model, s), s.peak_lr, s.muon_lr)
+    assert isinstance(opt, MuonAdamW)
+    before = {p: p.detach().clone() for p in model.parameters()}
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    for p in matrices(model):  # a gradient whose singular values spread tenfold, from 1 to 10
+        n = min(p.shape)
+        u, _ = torch.linalg.qr(torch.randn(p.shape[0], n, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(p.shape[1], n, generator=g))
+        p.grad = u @ torch.diag(torch.logspace(0, 1, n)) @ v.T
+    opt.step()
+    uses = model.uses()
+    for p in matrices(model):
+        step = (before[p] - p.detach()) / (2e-3 / uses.get(p, 1) * 0.2 * max(p.shape) ** 0.5)
+        sv = torch.linalg.svdvals(step)
+        assert 0.6 < sv.min() and sv.max() < 1.3, (p.shape, sv)  # Newton-Schulz's band, not 1 exactly
+        assert torch.sum(step * p.grad) > 0  # downhill
+    for p in (model.head.weight, model.frontend.proj.weight, model.layers[0].conv.dw_weight):
+        rate = 1e-3 / uses.get(p, 1)  # the one convolution serves 4 layers
+        torch.testing.assert_close((before[p] - p.detach()), rate * p.grad.sign(), rtol=1e-3, atol=1e-8)
+
+
+def test_the_learning_rate_schedule_drives_both_halves_and_reports_adamws_rate():
+    model = shared_model()
+    s = load_schedule("tiny").model_copy(update={"peak_lr": 1e-3, "muon_lr": 3e-3})
+    opt = optimizer(model, _param_groups(model, s), s.peak_lr, s.muon_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, s))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    factor = _lr_factor(3, s)
+    assert sched.get_last_lr()[0] == pytest.approx(1e-3 * factor)  # the head's group: AdamW at peak_lr
+    muon_rates = {p: g["lr"] for g in opt.muon.param_groups for p in g["params"]}
+    uses = model.uses()
+    for p in matrices(model):
+        assert muon_rates[p] == pytest.approx(3e-3 / uses.get(p, 1) * factor)
+    adam = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    assert len(adam) + len(muon_rates) == len(list(model.parameters())) and not adam & set(map(id, muon_rates))
+
+
+def test_a_resumed_muon_run_trains_exactly_as_the_uninterrupted_one(tiny_corpus_dir, tiny_arch, tmp_path):
+    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
+    s = load_schedule("tiny").model_copy(update={"muon_lr": 4e-3})
+    whole = train(tiny_arch, s, corpus, tmp_path / "whole", progress=False, evaluate_test=False)
+
+    def crash(step, point):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_arch, s, corpus, tmp_path / "cut", callback=crash, progress=False, evaluate_test=False)
+    resumed = train(tiny_arch, s, corpus, tmp_path / "cut", progress=False, evaluate_test=False)
+    assert resumed["resumed_at_steps"] == [6]
+    keys = ("step", "train_loss", "dev_cer", "dev_loss", "lr")
+    assert [[p[k] for k in keys] for p in resumed["curve"]] == [[p[k] for k in keys] for p in whole["curve"]]
+    plain = train(tiny_arch, load_schedule("tiny"), corpus, tmp_path / "adamw", progress=False, evaluate_test=False)
+    assert plain["curve"][-1]["train_loss"] != whole["curve"][-1]["train_loss"]  # Muon did step something
