@@ -44,7 +44,8 @@ RECIPES = (("full-v1", "synth:3"), ("full", "synth"))
 # up decay, (1 + n) / (10 + n), stays below 0.99 until step 890, so its first 550 steps are `full`'s
 # own.) Then the output layer's blank bias raised by 3.7 (blank about 40% of each frame at the
 # start, as trained models emit it), alone and with clipping at 1.0; last, InterCTC (the middle
-# layer's CTC loss mixed in at 0.3, ESPnet's usual weight; no parameter added).
+# layer's CTC loss mixed in at 0.3, ESPnet's usual weight; no parameter added). Then Muon for the
+# encoder's linear maps (`nas.optim`) at AdamW's peak rate and at twice it, and the latter with InterCTC.
 LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "peak_lr": 6e-3},
           {"sort_first_steps": 400}, {"ema": 0.0}, {"tokenizer": "unigram"},
           {"frontend.subsampling": 6, "vocab_size": 128, "tokenizer": "unigram"},
@@ -53,7 +54,8 @@ LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "pea
           {"grad_clip": 1.0}, {"grad_clip": 0.5}, {"grad_clip": 1.0, "peak_lr": 6e-3},
           {"grad_clip": 0.25, "peak_lr": 0.01}, {"ema": 0.98}, {"branch_init_gain": 0.3},
           {"branch_init_gain": 0.03}, {"peak_lr": 0.01, "warmup_steps": 100}, {"blank_bias": 3.7},
-          {"blank_bias": 3.7, "grad_clip": 1.0}, {"inter_ctc": 0.3})
+          {"blank_bias": 3.7, "grad_clip": 1.0}, {"inter_ctc": 0.3}, {"muon_lr": 4e-3},
+          {"muon_lr": 8e-3}, {"muon_lr": 8e-3, "inter_ctc": 0.3})
 SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "paper.yaml"
 
 
