@@ -1,17 +1,18 @@
 """The trainer's optimizer: AdamW, or Muon for the encoder's linear maps and AdamW for the rest.
 
-``optimizer(model, groups, schedule)`` takes the trainer's parameter groups (weight decay, and a
-learning rate divided by a shared tensor's uses: :func:`nas.train._param_groups`) and returns one
-``torch.optim.Optimizer``, so that one learning-rate schedule, one checkpoint and one resume serve
-either kind.
+``optimizer(model, groups, peak_lr, muon_lr)`` takes the trainer's parameter groups (weight decay,
+and a learning rate divided by a shared tensor's uses: :func:`nas.train._param_groups`) and returns
+one ``torch.optim.Optimizer``, so that one learning-rate schedule, one checkpoint and one resume
+serve either kind.
 
 Muon (Jordan et al. 2024; ``torch.optim.Muon``) replaces a matrix's momentum by its nearest
 orthogonal matrix (Newton-Schulz iterations) before the step. It is made for the hidden layers'
 matrices only: the encoder's ``Linear`` maps here (full-rank weights and low-rank factors, shared or
 not). The front end's convolutions and projection, the CTC head, the depthwise kernels, the norms
-and the biases stay with AdamW, as in Muon's own recipe. Its step is scaled as Moonshot's
-(``match_rms_adamw``: the update's size matches AdamW's), so ``muon_lr`` reads as a peak rate of
-AdamW's kind; the schedule's warm-up and decay apply to both.
+and the biases stay with AdamW, as Muon's authors do with a network's input and output layers and
+its vectors. Its step is scaled as Moonshot's (``match_rms_adamw``: the update's size matches
+AdamW's), so ``muon_lr`` reads as a peak rate of AdamW's kind; the schedule's warm-up and decay
+apply to both.
 """
 
 from __future__ import annotations
