@@ -39,9 +39,10 @@ def test_muon_takes_the_encoders_linear_maps_each_stored_tensor_once():
 
 
 def test_a_muon_step_is_orthogonal_on_the_matrices_and_adamws_elsewhere():
-    """Muon's first step on a matrix is its gradient's nearest orthogonal matrix (all singular values
-    about equal, where the gradient's spread tenfold), scaled to AdamW's size (0.2 sqrt(max(rows, cols)) times the rate); AdamW's first
-    step moves every entry by the rate (its sign is the gradient's)."""
+    """Muon's first step on a matrix is its gradient's nearest orthogonal matrix (all singular
+    values about equal, where the gradient's spread tenfold), scaled to AdamW's size (0.2
+    sqrt(max(rows, cols)) times the rate); AdamW's first step moves every entry by the rate (its
+    sign is the gradient's)."""
     model = shared_model()
     s = load_schedule("tiny").model_copy(update={"peak_lr": 1e-3, "weight_decay": 0.0, "muon_lr": 2e-3})
     opt = optimizer(model, _param_groups(model, s), s.peak_lr, s.muon_lr)
