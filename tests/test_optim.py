@@ -2,11 +2,10 @@ import pytest
 import torch
 
 from nas.config import ArchConfig
-from nas.data.corpus import resolve_data
 from nas.model import ConformerCTC
 from nas.optim import MuonAdamW, matrices, optimizer
 from nas.schedule import load_schedule
-from nas.train import _lr_factor, _param_groups, train
+from nas.train import _lr_factor, _param_groups
 
 SHARED = {  # 4 virtual layers on 2 blocks, one conv for all, tied halves, a shared low-rank factor
     "encoder": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "conv_kernel": 5, "n_layers": 4},
@@ -85,20 +84,3 @@ def test_the_learning_rate_schedule_drives_both_halves_and_reports_adamws_rate()
     adam = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     assert len(adam) + len(muon_rates) == len(list(model.parameters())) and not adam & set(map(id, muon_rates))
 
-
-def test_a_resumed_muon_run_trains_exactly_as_the_uninterrupted_one(tiny_corpus_dir, tiny_arch, tmp_path):
-    corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
-    s = load_schedule("tiny").model_copy(update={"muon_lr": 4e-3})
-    whole = train(tiny_arch, s, corpus, tmp_path / "whole", progress=False, evaluate_test=False)
-
-    def crash(step, point):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_arch, s, corpus, tmp_path / "cut", callback=crash, progress=False, evaluate_test=False)
-    resumed = train(tiny_arch, s, corpus, tmp_path / "cut", progress=False, evaluate_test=False)
-    assert resumed["resumed_at_steps"] == [6]
-    keys = ("step", "train_loss", "dev_cer", "dev_loss", "lr")
-    assert [[p[k] for k in keys] for p in resumed["curve"]] == [[p[k] for k in keys] for p in whole["curve"]]
-    plain = train(tiny_arch, load_schedule("tiny"), corpus, tmp_path / "adamw", progress=False, evaluate_test=False)
-    assert plain["curve"][-1]["train_loss"] != whole["curve"][-1]["train_loss"]  # Muon did step something

@@ -68,11 +68,13 @@ def test_writes_metrics_checkpoint_tokenizer_and_resumes(tiny_corpus_dir, tiny_a
     assert (out / "model.safetensors").is_file()
 
 
-def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(tiny_corpus_dir, tiny_arch, tmp_path):
+@pytest.mark.parametrize("optimizer", [{}, {"muon_lr": 4e-3}], ids=["adamw", "muon"])
+def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(tiny_corpus_dir, tiny_arch, tmp_path, optimizer):
     # The checkpoint at step 6 falls inside an epoch (about 4 batches each here) and SpecAugment and
-    # dropout draw random numbers: the resumed run must continue the same batch order and draws.
+    # dropout draw random numbers: the resumed run must continue the same batch order and draws, and
+    # the optimizer its state (with Muon, both halves of nas.optim.MuonAdamW).
     corpus = resolve_data(f"manifest:{tiny_corpus_dir}")
-    s = schedule(dropout=0.1)
+    s = schedule(dropout=0.1, **optimizer)
     whole = train(tiny_arch, s, corpus, tmp_path / "whole", progress=False, evaluate_test=False)
 
     def crash(step, point):
@@ -82,8 +84,11 @@ def test_a_resumed_run_trains_exactly_as_the_uninterrupted_one(tiny_corpus_dir, 
         train(tiny_arch, s, corpus, tmp_path / "cut", callback=crash, progress=False, evaluate_test=False)
     resumed = train(tiny_arch, s, corpus, tmp_path / "cut", progress=False, evaluate_test=False)
     assert resumed["resumed_at_steps"] == [6]
-    keys = ("step", "train_loss", "dev_cer", "dev_loss")
+    keys = ("step", "train_loss", "dev_cer", "dev_loss", "lr")
     assert [[p[k] for k in keys] for p in resumed["curve"]] == [[p[k] for k in keys] for p in whole["curve"]]
+    if optimizer:  # Muon did step something: AdamW alone trains another run
+        plain = train(tiny_arch, schedule(dropout=0.1), corpus, tmp_path / "adamw", progress=False, evaluate_test=False)
+        assert plain["curve"][-1]["train_loss"] != whole["curve"][-1]["train_loss"]
 
 
 def test_a_checkpoint_of_another_design_is_refused(tiny_corpus_dir, tiny_arch, tmp_path):
