@@ -116,7 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_count)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (ratios against a reference)")
-    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "search", "learn", "levers", "fidelity", "deploy", "decode"])
+    b.add_argument("which", nargs="?", default="all", choices=["all", "budget", "train", "optim", "search", "learn", "levers", "fidelity", "deploy", "decode"])
     b.add_argument("--out", type=Path, default=Path("results"), help="where bench.json and bench.md go")
     b.add_argument("--trials", type=int, default=12, help="search: trials per study (default 12)")
     b.add_argument("--seeds", type=int, default=3, help="search: seeds per sampler (default 3)")

@@ -3,7 +3,7 @@ import torch
 
 from nas.config import ArchConfig
 from nas.model import ConformerCTC
-from nas.optim import MuonAdamW, matrices, optimizer
+from nas.optim import BatchedMuon, MuonAdamW, matrices, optimizer
 from nas.schedule import load_schedule
 from nas.train import _lr_factor, _param_groups
 
@@ -84,3 +84,41 @@ def test_the_learning_rate_schedule_drives_both_halves_and_reports_adamws_rate()
     adam = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
     assert len(adam) + len(muon_rates) == len(list(model.parameters())) and not adam & set(map(id, muon_rates))
 
+
+
+def test_batched_muon_steps_exactly_as_the_librarys_muon():
+    """Our Muon batches the iterations of tensors of one shape (a tall one transposed: 12x4 with
+    4x12); over several steps, two groups of different rates and decays, and a checkpoint moved
+    from one to the other, it leaves every tensor bit for bit where ``torch.optim.Muon`` does."""
+    shapes = [(12, 4), (4, 12), (4, 12), (8, 8), (12, 4), (6, 5), (8, 8), (3, 7)]
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g) for s in shapes]
+    runs = {}
+    for cls in (torch.optim.Muon, BatchedMuon):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": ps[:5], "lr": 8e-3, "weight_decay": 0.01}, {"params": ps[5:], "lr": 2e-3, "weight_decay": 0.0}]
+        runs[cls] = (ps, cls(groups, adjust_lr_fn="match_rms_adamw"))
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for ps, opt in runs.values():
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+            opt.step()
+        if step == 1:  # each resumes from the other's checkpoint
+            (_, a), (_, b) = runs.values()
+            a_state, b_state = a.state_dict(), b.state_dict()
+            a.load_state_dict(b_state)
+            b.load_state_dict(a_state)
+    (ours_ps, _), (lib_ps, _) = runs[BatchedMuon], runs[torch.optim.Muon]
+    for ours, lib, s in zip(ours_ps, lib_ps, start):
+        assert not torch.equal(ours, s)
+        assert torch.equal(ours, lib)
+
+
+def test_the_optimizer_benchmark_times_the_three_on_the_unshared_designs_40_matrices():
+    from nas.bench.speed import bench_optim
+
+    figures = bench_optim(designs=("unshared",), steps=1, rounds=1)["unshared"]
+    assert figures["muon_tensors"] == 40 and figures["shapes"] == 3  # 20 of 96x96, 16 of 96x384 or 384x96, 4 of 192x96
+    assert all(figures[f"{k}_ms_per_step"] > 0 for k in ("adamw", "torch_muon", "batched_muon"))

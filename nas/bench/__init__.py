@@ -4,6 +4,7 @@ adds them to ``results/bench.json`` and ``results/bench.md``.
 
 - ``budget``, ``train`` (:mod:`nas.bench.speed`): the budget arithmetic against building each
   model; our training step against torchaudio's Conformer, and low rank against full rank.
+- ``optim`` (:mod:`nas.bench.speed`): the optimizer's step alone, the library's Muon against ours.
 - ``search`` (:mod:`nas.bench.search`): TPE against random sampling, parallel workers, overhead.
 - ``learn`` (:mod:`nas.bench.learn`): time to accuracy of today's recipe against the old one;
   ``levers``: what one more change to today's recipe would give that ratio.
@@ -27,6 +28,7 @@ from nas.files import atomic_write
 
 # name -> (module of nas.bench, function): imported on use, since each pulls in heavy parts.
 BENCHMARKS = {"budget": ("speed", "bench_budget"), "train": ("speed", "bench_train"),
+              "optim": ("speed", "bench_optim"),
               "search": ("search", "bench_search"), "learn": ("learn", "bench_learn"),
               "levers": ("learn", "bench_levers"),
               "fidelity": ("fidelity", "bench_fidelity"), "deploy": ("deploy", "bench_deploy"),

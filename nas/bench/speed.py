@@ -1,5 +1,5 @@
-"""Speed benchmarks: the budget arithmetic against building models, and a training step of our
-model against torchaudio's Conformer (and low rank against full rank)."""
+"""Speed benchmarks: the budget arithmetic against building models, a training step of our model
+against torchaudio's Conformer (and low rank against full rank), and the optimizer's step alone."""
 
 from __future__ import annotations
 
@@ -115,3 +115,43 @@ def bench_train(rounds: int = 3) -> dict:
         "ratio_low_rank_vs_full_rank": round(med["low_rank"] / med["full_rank"], 3),
         "macs_ratio_low_vs_full": round(count(low_rank).macs_per_second / count(plain).macs_per_second, 3),
     }
+
+
+def bench_optim(designs: tuple[str, ...] = ("unshared", "paper"), budget: str = "1M", steps: int = 30,
+                rounds: int = 3) -> dict:
+    """The optimizer's step alone (no forward or backward pass: random gradients) on each 1M
+    baseline's tensors, under ``full``'s parameter groups: fused AdamW for every tensor, and Muon for
+    the encoder's linear maps with AdamW for the rest, through ``torch.optim.Muon`` (one tensor at a
+    time) and through :class:`nas.optim.BatchedMuon` (batched by shape). Milliseconds a step, the
+    median of ``rounds`` rounds that alternate the three; the ratio is the library's time over ours."""
+    from nas.baselines import baselines
+    from nas.budget import parse_budget
+    from nas.optim import MuonAdamW, matrices
+    from nas.schedule import load_schedule
+    from nas.space import load_space
+    from nas.train import _param_groups
+
+    schedule = load_schedule("full")
+    found = dict(baselines(load_space(SPACE), parse_budget(budget)))
+    figures: dict = {"threads": torch.get_num_threads(), "setup": f"{budget} baselines of paper.yaml, {steps} steps a round"}
+    for design in designs:
+        model = ConformerCTC(found[design])
+        mats, ratio = matrices(model), schedule.muon_lr / schedule.peak_lr
+        optimizers = {"adamw": torch.optim.AdamW(_param_groups(model, schedule), lr=schedule.peak_lr, fused=True),
+                      "torch_muon": MuonAdamW(_param_groups(model, schedule), mats, ratio, muon=torch.optim.Muon),
+                      "batched_muon": MuonAdamW(_param_groups(model, schedule), mats, ratio)}
+        times: dict[str, list[float]] = {k: [] for k in optimizers}
+        for _ in range(rounds):
+            for name, opt in optimizers.items():
+                for p in model.parameters():
+                    p.grad = torch.randn_like(p) * 1e-3
+                opt.step()  # the first step makes the state
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    opt.step()
+                times[name].append((time.perf_counter() - t0) / steps * 1000)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        figures[design] = {"muon_tensors": len(mats), "shapes": len({tuple(sorted(m.shape)) for m in mats})} | {
+            f"{k}_ms_per_step": round(v, 2) for k, v in med.items()} | {
+            "ratio_torch_muon_vs_batched": round(med["torch_muon"] / med["batched_muon"], 2)}
+    return figures
