@@ -45,8 +45,9 @@ def test_the_run_key_changes_with_the_design_or_the_schedule():
 
 def test_a_schedule_field_added_later_keeps_the_run_keys_of_before():
     """``blank_bias``, ``inter_ctc`` and ``muon_lr`` came after runs were committed: at its default
-    each is no part of the schedule's serialization, so `full`'s benchmark runs are found under the
-    keys they were trained under (their directories' names); set, it is another run."""
+    each is no part of the schedule's serialization, so the benchmark runs of `full` as it was then
+    (`full-v2` since 2026-12-07) are found under the keys they were trained under (their directories'
+    names); set, it is another run."""
     from pathlib import Path
 
     from nas.baselines import baselines
@@ -55,7 +56,7 @@ def test_a_schedule_field_added_later_keeps_the_run_keys_of_before():
     from nas.space import load_space
 
     arch = dict(baselines(load_space(SPACE), parse_budget("1M")))["unshared"]
-    full = load_schedule("full")
+    full = load_schedule("full-v2").model_copy(update={"name": "full"})  # `full` until 2026-12-07
     later = {"blank_bias", "inter_ctc", "muon_lr"}
     assert not later & full.model_dump().keys() and full.blank_bias == full.inter_ctc == full.muon_lr == 0.0
     key = _key(arch, _evaluated(full, 3000, 100), "synth")
