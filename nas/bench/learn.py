@@ -32,20 +32,19 @@ TARGETS = (0.30, 0.15)
 # (2026-12-05), not its `data` of since (30 h): CER 30% comes within the first 10 h of audio, in one
 # epoch of either corpus; 15% after about 45 h, where 30 h may differ (not measured).
 RECIPES = (("full-v1", "synth:3"), ("full", "synth"))
-# One change each to `full`, for `bench_levers`: the levers of the first learning that the issue
-# named and `full` does not already take (measured 2026-12-06: none reached 30% sooner beyond the
-# machine's run-to-run noise, up to 20% in step time between runs; step counts are deterministic). A
-# key that is no schedule field is a design field by its dotted path: three change the front end,
-# with subword units, since at 6x (16.7 frames/s) and 8x the embedded corpus's 15.9 characters/s do
-# not fit character CTC; the next gives self-attention relative positions (T5's 32 buckets; 512 more
-# parameters). The optimizer's settings come last: tighter gradient clipping (the one lever that
-# takes fewer steps: 500 against 550), a shorter moving average, the residual branches' initial
-# scale, a higher peak after a longer warm-up. (`ema: 0.99` is not among them: the average's warmed-
-# up decay, (1 + n) / (10 + n), stays below 0.99 until step 890, so its first 550 steps are `full`'s
-# own.) Then the output layer's blank bias raised by 3.7 (blank about 40% of each frame at the
-# start, as trained models emit it), alone and with clipping at 1.0; last, InterCTC (the middle
-# layer's CTC loss mixed in at 0.3, ESPnet's usual weight; no parameter added). Then Muon for the
-# encoder's linear maps (`nas.optim`) at AdamW's peak rate and at twice it, and the latter with InterCTC.
+# One change each to `full`, for `bench_levers`. Until 2026-12-07 they were measured against the
+# `full` of then (`full-v2`: AdamW alone, no InterCTC; the committed runs under
+# results/bench-learn/levers/ and the README's levers row): none of the first learning's levers
+# that the issue named reached 30% sooner beyond the machine's run-to-run noise (up to 20% in step
+# time between runs; step counts are deterministic), and InterCTC and Muon together took 300 steps
+# against 550, which made them `full`. A key that is no schedule field is a design field by its
+# dotted path: three change the front end, with subword units, since at 6x (16.7 frames/s) and 8x
+# the embedded corpus's 15.9 characters/s do not fit character CTC; the next gives self-attention
+# relative positions (T5's 32 buckets; 512 more parameters). Then the optimizer's settings:
+# gradient clipping, the moving average's decay, the residual branches' initial scale, a higher
+# peak after a longer warm-up; the output layer's blank bias raised by 3.7 (blank about 40% of each
+# frame at the start, as trained models emit it), alone and with clipping at 1.0. Last, `full`'s two
+# parts taken out one at a time (InterCTC, Muon) and Muon's rate at half and 1.5 times `full`'s.
 LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "peak_lr": 6e-3},
           {"sort_first_steps": 400}, {"ema": 0.0}, {"tokenizer": "unigram"},
           {"frontend.subsampling": 6, "vocab_size": 128, "tokenizer": "unigram"},
@@ -54,8 +53,8 @@ LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "pea
           {"grad_clip": 1.0}, {"grad_clip": 0.5}, {"grad_clip": 1.0, "peak_lr": 6e-3},
           {"grad_clip": 0.25, "peak_lr": 0.01}, {"ema": 0.98}, {"branch_init_gain": 0.3},
           {"branch_init_gain": 0.03}, {"peak_lr": 0.01, "warmup_steps": 100}, {"blank_bias": 3.7},
-          {"blank_bias": 3.7, "grad_clip": 1.0}, {"inter_ctc": 0.3}, {"muon_lr": 4e-3},
-          {"muon_lr": 8e-3}, {"muon_lr": 8e-3, "inter_ctc": 0.3})
+          {"blank_bias": 3.7, "grad_clip": 1.0}, {"inter_ctc": 0.0}, {"muon_lr": 0.0}, {"muon_lr": 4e-3},
+          {"muon_lr": 0.012})
 SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "paper.yaml"
 
 
