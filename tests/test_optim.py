@@ -89,14 +89,17 @@ def test_the_learning_rate_schedule_drives_both_halves_and_reports_adamws_rate()
 def test_batched_muon_steps_exactly_as_the_librarys_muon():
     """Our Muon batches the iterations of tensors of one shape (a tall one transposed: 12x4 with
     4x12); over several steps, two groups of different rates and decays, and a checkpoint moved
-    from one to the other, it leaves every tensor bit for bit where ``torch.optim.Muon`` does."""
-    shapes = [(12, 4), (4, 12), (4, 12), (8, 8), (12, 4), (6, 5), (8, 8), (3, 7)]
+    from one to the other, it leaves every tensor bit for bit where ``torch.optim.Muon`` does, at
+    toy shapes and at the 1M unshared design's (d=96)."""
+    shapes = [(12, 4), (4, 12), (4, 12), (8, 8), (12, 4), (6, 5), (8, 8), (3, 7), (384, 96), (96, 384), (96, 96),
+              (192, 96), (96, 96)]
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=g) for s in shapes]
     runs = {}
     for cls in (torch.optim.Muon, BatchedMuon):
         ps = [torch.nn.Parameter(t.clone()) for t in start]
-        groups = [{"params": ps[:5], "lr": 8e-3, "weight_decay": 0.01}, {"params": ps[5:], "lr": 2e-3, "weight_decay": 0.0}]
+        groups = [{"params": ps[:5] + ps[8:11], "lr": 8e-3, "weight_decay": 0.01},
+                  {"params": ps[5:8] + ps[11:], "lr": 2e-3, "weight_decay": 0.0}]
         runs[cls] = (ps, cls(groups, adjust_lr_fn="match_rms_adamw"))
     g = torch.Generator().manual_seed(1)
     for step in range(4):
