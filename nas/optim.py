@@ -98,9 +98,10 @@ class BatchedMuon(torch.optim.Muon):
     update, the same quintic iterations in bf16 on the wide orientation (a tall matrix is
     transposed, so that 384x96 and 96x384 batch together), the same learning-rate scaling and
     decoupled weight decay, the same state (``momentum_buffer``), so checkpoints of either load in
-    the other. The steps are equal but for bf16 rounding: the library reduces a tall matrix in its
-    transposed layout, and in training about one tensor's step in 200 differs by a rounding
-    (ad hoc, the unshared design's first steps). ``tests/test_optim.py`` checks its steps against
+    the other. The steps are equal but for bf16 rounding: the library iterates on a tall matrix's
+    transposed view, this on a contiguous copy, and in training about one tensor's step in 200 (a
+    tall one, the one time it was seen) differs by a rounding (ad hoc, the unshared design's first
+    steps). ``tests/test_optim.py`` checks its steps against
     the library's.
     """
 

@@ -90,8 +90,8 @@ def test_batched_muon_steps_as_the_librarys_muon():
     """Our Muon batches the iterations of tensors of one shape (a tall one transposed: 12x4 with
     4x12); over several steps, two groups of different rates and decays, and a checkpoint moved
     from one to the other, it moves every tensor where ``torch.optim.Muon`` does, at toy shapes and
-    at the 1M unshared design's (d=96), to within bf16's rounding of the step (the library reduces a
-    tall matrix in its transposed layout, which may round otherwise)."""
+    at the 1M unshared design's (d=96), to within bf16's rounding of the step (the library iterates
+    on a tall matrix's transposed view, which may round otherwise)."""
     shapes = [(12, 4), (4, 12), (4, 12), (8, 8), (12, 4), (6, 5), (8, 8), (3, 7), (384, 96), (96, 384), (96, 96),
               (192, 96), (96, 96)]
     g = torch.Generator().manual_seed(0)
