@@ -98,7 +98,7 @@ def test_a_design_without_relative_positions_serializes_and_hashes_as_before_the
     arch = ArchConfig.load("search_spaces/designs/unshared-1m.json")
     assert "rel_pos_buckets" not in arch.to_json() and arch.encoder.rel_pos_buckets == 0
     # the key of this design's `full` run before 2026-12-06 (committed runs, studies and exports
-    # are found again by it)
-    assert run_key(arch, load_schedule("full")) == "5db8b1c3f34ba6c5"
+    # are found again by it); that `full` is `full-v2` since 2026-12-07
+    assert run_key(arch, load_schedule("full-v2").model_copy(update={"name": "full"})) == "5db8b1c3f34ba6c5"
     rel = ArchConfig.from_dict(arch.model_dump() | {"encoder": arch.encoder.model_dump() | {"rel_pos_buckets": 8}})
     assert '"rel_pos_buckets": 8' in rel.to_json() and ArchConfig.from_json(rel.to_json()) == rel != arch
