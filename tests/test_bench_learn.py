@@ -130,3 +130,25 @@ def test_a_design_lever_changes_the_design_by_its_dotted_path_and_never_goes_ove
         _changed(arch, full, {"frontend.subsample": 6}, budget)
     with pytest.raises(Exception, match="subsampling"):  # validated: 5x is no front end
         _changed(arch, full, {"frontend.subsampling": 5}, budget)
+
+
+def test_a_design_measured_in_an_earlier_sitting_keeps_its_row_and_its_own_date(tmp_path, tiny_corpus_dir):
+    """`nas bench learn --designs` one design per sitting: `results/bench.json` keeps the designs
+    measured before, each dated by its own sitting, so a row never reads as measured later."""
+    from nas.bench import run
+
+    data = f"manifest:{tiny_corpus_dir}"
+    recipes = ((_recipe(tmp_path / "old.yaml", "old"), data), (_recipe(tmp_path / "new.yaml", "new"), data))
+    kw = {"recipes": recipes, "budget": "100K", "eval_audio_s": 60, "eval_utterances": 8, "threads": 1,
+          "targets": (10.0,)}
+    first = run("learn", tmp_path, learn=kw | {"designs": ("unshared",)})["learn"]
+    assert first["unshared"]["measured"] == first["measured"]
+    bench = tmp_path / "bench.json"
+    results = json.loads(bench.read_text())
+    results["learn"]["unshared"]["measured"] = results["learn"]["measured"] = "2026-12-05 10:00"  # a sitting of before
+    bench.write_text(json.dumps(results))
+    learn = run("learn", tmp_path, learn=kw | {"designs": ("paper",)})["learn"]
+    assert learn["unshared"] == first["unshared"] | {"measured": "2026-12-05 10:00"}  # kept as it was
+    assert learn["paper"]["measured"] == learn["measured"] != "2026-12-05 10:00"
+    md = (tmp_path / "bench.md").read_text()
+    assert "| unshared.measured | 2026-12-05 10:00 |" in md and f"| paper.measured | {learn['measured']} |" in md

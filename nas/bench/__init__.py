@@ -56,9 +56,12 @@ def run(which: str, out_dir: Path, search: dict | None = None, learn: dict | Non
         figures = bench(**overrides.get(name, {}))
         for key, value in figures.items():
             print(f"  {key}: {value}")
-        if name == "learn":  # run one design per sitting: the designs measured before are kept
+        stamp = time.strftime("%Y-%m-%d %H:%M")
+        if name == "learn":  # run one design per sitting: the designs measured before are kept,
+            # each with the date of its own sitting (the section's date is the latest sitting's)
+            figures = {k: v | {"measured": stamp} if isinstance(v, dict) else v for k, v in figures.items()}
             figures = {k: v for k, v in results.get(name, {}).items() if k != "measured"} | figures
-        results[name] = figures | {"measured": time.strftime("%Y-%m-%d %H:%M")}
+        results[name] = figures | {"measured": stamp}
     atomic_write(path, json.dumps(results, indent=2) + "\n")
     atomic_write(out_dir / "bench.md", _markdown(results))
     return results
