@@ -250,8 +250,7 @@ def forward(model: ConformerCTC, data: FeatureSet, tokenizer: Tokenizer, batch_f
         for idx in bucket_batches(data.lengths[:n], 2 * batch_frames, shuffle=False):
             batch = collate(data, idx, tokenizer).to(device)
             log_probs, lens = model(batch.feats, batch.feat_lens)
-            loss += float(F.ctc_loss(log_probs.transpose(0, 1), batch.targets, lens, batch.target_lens, blank=BLANK,
-                                     reduction="sum", zero_infinity=True))
+            loss += float(_ctc(log_probs, lens, batch, reduction="sum"))
             tokens += int(batch.target_lens.sum())
             out.batches.append((log_probs.cpu(), lens.cpu()))
             out.refs += batch.texts
@@ -323,9 +322,12 @@ def inter_layer(arch: ArchConfig) -> int:
     return max(1, arch.encoder.n_layers // 2)
 
 
-def _ctc(log_probs: torch.Tensor, lengths: torch.Tensor, batch) -> torch.Tensor:
+def _ctc(log_probs: torch.Tensor, lengths: torch.Tensor, batch, reduction: str = "mean") -> torch.Tensor:
+    """CTC loss of batch-first ``log_probs`` against ``batch``'s targets: the training loss (mean over
+    the batch of each utterance's loss per target token) or, with ``reduction="sum"``, the sum that
+    the dev loss divides by the token count."""
     return F.ctc_loss(log_probs.transpose(0, 1), batch.targets, lengths, batch.target_lens, blank=BLANK,
-                      zero_infinity=True)
+                      reduction=reduction, zero_infinity=True)
 
 
 def _param_groups(model: ConformerCTC, s: Schedule) -> list[dict]:
