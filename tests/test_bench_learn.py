@@ -38,6 +38,7 @@ def test_both_recipes_train_and_a_changed_recipe_trains_anew(tmp_path, tiny_corp
     figures = bench_learn(recipes=((old, data), (new, data)), **kw)
     row = figures["unshared"]
     assert row["params"] == 99_696  # the 100K unshared baseline of paper.yaml
+    assert row["eval_audio_s"] == 60  # the grid its times were read on, kept with its row
     runs = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "runs").iterdir()}
     assert set(runs) == {"unshared-old", "unshared-new"}
     curves = {r: json.loads((runs[f"unshared-{name}"] / "metrics.json").read_text())

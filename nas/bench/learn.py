@@ -58,11 +58,18 @@ LEVERS = ({"peak_lr": 6e-3}, {"batch_frames": 4000}, {"batch_frames": 9000, "pea
           {"blank_bias": 3.7, "grad_clip": 1.0}, {"inter_ctc": 0.0}, {"muon_lr": 0.0}, {"muon_lr": 4e-3},
           {"muon_lr": 0.012})
 SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "paper.yaml"
+# How often `bench_learn` measures dev CER, in seconds of training audio, the same for both recipes.
+# A time to a target is read at the first evaluation at or below it, so it is late by up to one
+# interval: at 3000 s (until 2026-12-07) that was 50 steps of `full`'s 60 s batches, 14% of its time
+# to 30% on the unshared design, against 4% of `full-v1`'s, a bias against the faster recipe that
+# held its ratio at 4.76x. At 600 s it is 3% and 0.7%; an evaluation of 100 dev utterances costs
+# about 0.3 s, outside the timed steps. Each design's row records the grid it was measured on.
+EVAL_AUDIO_S = 600
 
 
 def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str, ...] = ("unshared", "paper"),
                 recipes: tuple[tuple[str, str], ...] = RECIPES, budget: str = "1M", cap: float = 5.0,
-                eval_audio_s: float = 3000, eval_utterances: int = 100, threads: int = 2,
+                eval_audio_s: float = EVAL_AUDIO_S, eval_utterances: int = 100, threads: int = 2,
                 targets: tuple[float, ...] = TARGETS) -> dict:
     from nas.baselines import baselines
     from nas.budget import count, parse_budget
@@ -91,7 +98,7 @@ def bench_learn(results: Path = Path("results/bench-learn"), designs: tuple[str,
             m = _run(arch, s, data, out, threads, stop)
             runs[recipe] = m
             print(f"  {design} {recipe} on {data}: {_line(m, targets)}", flush=True)
-        row = {"params": count(arch).physical, "virtual_layers": arch.encoder.n_layers}
+        row = {"params": count(arch).physical, "virtual_layers": arch.encoder.n_layers, "eval_audio_s": eval_audio_s}
         for recipe, m in runs.items():
             row[recipe] = _summary(m, targets)
         for target in targets:
